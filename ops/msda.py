@@ -1,0 +1,192 @@
+"""Multi-scale deformable attention (MSDA): the sampling-and-weighting core of Deformable DETR
+(Zhu et al., ICLR 2021, Eq. 3) that BEVFormer's temporal self-attention, spatial cross-attention and
+decoder all run on. Exact semantics: /work/shared/specs/architecture.md section 4.
+
+    out[b, q, m, :] = sum_l sum_p A[b, q, m, l, p] * bilinear(V_l[b, :, :, m, :], x * W_l - 0.5, y * H_l - 0.5)
+
+Two implementations with one signature and the same numbers:
+- `ms_deform_attn_pytorch`: plain PyTorch (F.grid_sample per level), autograd does the backward;
+  runs on any device.
+- the CUDA kernel (msda_kernel.cu + msda_binding.cpp), compiled with torch.utils.cpp_extension.load
+  the first time CUDA tensors reach `ms_deform_attn`, cached on disk by torch and here in memory.
+  If the build fails, one warning line and the fallback. FD_MSDA_FALLBACK=1 forces the fallback.
+"""
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("ops")
+
+FALLBACK_ENV = "FD_MSDA_FALLBACK"  # set to 1 to never build or use the CUDA kernel
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = [os.path.join(_HERE, "msda_binding.cpp"), os.path.join(_HERE, "msda_kernel.cu")]
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch fallback
+# ------------------------------------------------------------------------------------------------
+def _level_sizes(spatial_shapes):
+    """spatial_shapes [L, 2] (H, W) as a list of Python (H, W) pairs."""
+    if torch.is_tensor(spatial_shapes):
+        spatial_shapes = spatial_shapes.tolist()  # one small device->host copy on CUDA
+    return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations,
+                           attention_weights):
+    """Multi-scale deformable attention in plain PyTorch (differentiable through autograd).
+
+    value [B, S, M, D] (levels concatenated along S, each flattened row-major), spatial_shapes
+    [L, 2] int64 rows (H, W), level_start_index [L] (the exclusive cumulative sum of H*W; the
+    levels are taken by splitting S, so it is not read here), sampling_locations [B, Q, M, L, P, 2]
+    normalised (x, y) with 0 and 1 the outer edges of the map, attention_weights [B, Q, M, L, P].
+    Returns [B, Q, M*D] (head-major). Samples outside the map read zeros.
+
+    Unlike the usual formulation (mmcv's multi_scale_deformable_attn_pytorch: sample every level,
+    stack, weight, sum) the weighted sum is accumulated level by level: no stacked [.., L*P] copy
+    is made, so it is faster and needs less memory (`python -m ops.bench`).
+    """
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    sizes = _level_sizes(spatial_shapes)
+    if sum(h * w for h, w in sizes) != S:
+        raise ValueError(f"ms_deform_attn: value has S={S} positions but spatial_shapes "
+                         f"{sizes} cover {sum(h * w for h, w in sizes)}")
+    dtype = value.dtype
+    # grid_sample's coordinates: -1 and 1 are the outer edges (align_corners=False), as ours 0 and 1.
+    grid = (2 * sampling_locations.to(dtype) - 1).transpose(1, 2).flatten(0, 1)  # [B*M, Q, L, P, 2]
+    weights = attention_weights.to(dtype).transpose(1, 2).flatten(0, 1)         # [B*M, Q, L, P]
+    out = None
+    for l, v in enumerate(value.split([h * w for h, w in sizes], dim=1)):     # v [B, H*W, M, D]
+        h, w = sizes[l]
+        v = v.flatten(2).transpose(1, 2).reshape(B * M, D, h, w)               # [B*M, D, H, W]
+        sampled = F.grid_sample(v, grid[:, :, l], mode="bilinear", padding_mode="zeros",
+                                align_corners=False)                           # [B*M, D, Q, P]
+        level_out = (sampled * weights[:, None, :, l]).sum(-1)                  # [B*M, D, Q]
+        out = level_out if out is None else out + level_out
+    return out.view(B, M * D, Q).transpose(1, 2).contiguous()                   # [B, Q, M*D]
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA kernel: lazy build, autograd wrapper, dispatch
+# ------------------------------------------------------------------------------------------------
+_ext = None          # the compiled module, once built
+_ext_tried = False   # build attempted (success or not): never retried in this process
+_logged = set()      # which paths have been announced in the log
+
+
+def fallback_forced():
+    """True when the environment variable FD_MSDA_FALLBACK asks for the PyTorch fallback."""
+    return os.environ.get(FALLBACK_ENV, "").strip() not in ("", "0")
+
+
+def build_extension(verbose=False):
+    """Compile (or load from torch's cache) the CUDA extension; raises if the build fails."""
+    from torch.utils.cpp_extension import load
+    return load(name="fd_msda", sources=_SOURCES, extra_cuda_cflags=["-O3"], verbose=verbose)
+
+
+def _extension():
+    """The compiled CUDA extension, or None (fallback forced, or the build failed: one warning)."""
+    global _ext, _ext_tried
+    if fallback_forced():
+        return None
+    if not _ext_tried:
+        _ext_tried = True
+        try:
+            _ext = build_extension()
+        except Exception as e:  # any build failure (no nvcc, compiler error, ...) means fallback
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            log.warning("ops: could not build the CUDA deformable-attention kernel (%s); using the "
+                        "PyTorch fallback (`python -m ops` shows the compiler output)", reason)
+    return _ext
+
+
+def _log_path_once(path):
+    if path not in _logged:
+        _logged.add(path)
+        log.info("ops: multi-scale deformable attention runs on %s", path)
+
+
+class _MSDeformAttnCUDA(torch.autograd.Function):
+    """The compiled kernel as an autograd Function: inputs contiguous, float32 or float64, on one
+    CUDA device. The device is set by the caller (torch.cuda.device) and the current stream is
+    handed to the kernel as an integer."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations,
+                attention_weights):
+        stream = torch.cuda.current_stream(value.device).cuda_stream
+        out = _ext.forward(value, spatial_shapes, level_start_index, sampling_locations,
+                           attention_weights, stream)                              # [B, Q, M*D]
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = \
+            ctx.saved_tensors
+        with torch.cuda.device(value.device):
+            stream = torch.cuda.current_stream(value.device).cuda_stream
+            grad_value, grad_loc, grad_attn = _ext.backward(
+                value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                grad_out.contiguous(), stream)
+        return grad_value, None, None, grad_loc, grad_attn
+
+
+def _check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Shape checks that need no device->host copy (the kernel path stays asynchronous)."""
+    if value.dim() != 4 or sampling_locations.dim() != 6 or attention_weights.dim() != 5:
+        raise ValueError("ms_deform_attn: expected value [B, S, M, D], sampling_locations "
+                         "[B, Q, M, L, P, 2], attention_weights [B, Q, M, L, P]; got "
+                         f"{tuple(value.shape)}, {tuple(sampling_locations.shape)}, "
+                         f"{tuple(attention_weights.shape)}")
+    B, S, M, D = value.shape
+    Bq, Q, Mq, L, P, two = sampling_locations.shape
+    if (Bq, Mq, two) != (B, M, 2) or tuple(attention_weights.shape) != (B, Q, M, L, P):
+        raise ValueError("ms_deform_attn: inconsistent shapes: value "
+                         f"{tuple(value.shape)}, sampling_locations "
+                         f"{tuple(sampling_locations.shape)}, attention_weights "
+                         f"{tuple(attention_weights.shape)}")
+    if tuple(spatial_shapes.shape) != (L, 2) or tuple(level_start_index.shape) != (L,):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be [L={L}, 2] and "
+                         f"level_start_index [L={L}]; got {tuple(spatial_shapes.shape)} and "
+                         f"{tuple(level_start_index.shape)}")
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                   attention_weights):
+    """Multi-scale deformable attention; same arguments and result as `ms_deform_attn_pytorch`.
+
+    CUDA tensors use the compiled kernel (built on first use) unless FD_MSDA_FALLBACK=1 or the
+    build failed; everything else uses the PyTorch fallback. The result has value's dtype; it is
+    computed in float64 if any input is float64, else in float32 (half/bfloat16 inputs under
+    autocast are computed in float32 and the result cast back, as BEVFormer does).
+    """
+    _check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    out_dtype = value.dtype
+    floats = (value.dtype, sampling_locations.dtype, attention_weights.dtype)
+    compute = torch.float64 if torch.float64 in floats else torch.float32
+    value, sampling_locations, attention_weights = (
+        t.to(compute) for t in (value, sampling_locations, attention_weights))
+
+    ext = _extension() if value.is_cuda else None
+    if ext is None:
+        _log_path_once(f"the PyTorch fallback ({value.device.type} tensors)")
+        out = ms_deform_attn_pytorch(value, spatial_shapes, level_start_index,
+                                     sampling_locations, attention_weights)
+        return out.to(out_dtype)
+
+    _log_path_once("the CUDA kernel")
+    device = value.device
+    with torch.cuda.device(device):
+        out = _MSDeformAttnCUDA.apply(
+            value.contiguous(),
+            spatial_shapes.to(device=device, dtype=torch.long).contiguous(),
+            level_start_index.to(device=device, dtype=torch.long).contiguous(),
+            sampling_locations.contiguous(), attention_weights.contiguous())
+    return out.to(out_dtype)

@@ -1,0 +1,201 @@
+"""ops/: multi-scale deformable attention, fallback and CUDA kernel.
+
+The reference below is written independently of ops/msda.py: explicit bilinear corner gathers
+(no grid_sample), float64, reading the levels through level_start_index.
+"""
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+
+import pytest
+import torch
+
+from ops import ms_deform_attn, ms_deform_attn_pytorch
+from ops import msda
+
+OPS_DIR = os.path.dirname(os.path.abspath(msda.__file__))
+
+
+def naive_msda(value, spatial_shapes, level_start_index, loc, attn):
+    """out[b, q, m] = sum_{l, p} attn * bilinear sample at (x * W - 0.5, y * H - 0.5), corners
+    outside the map read 0. Written with explicit corner gathers; differentiable by autograd."""
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = loc.shape
+    b = torch.arange(B)[:, None, None, None]                 # broadcast to [B, Q, M, P]
+    m = torch.arange(M)[None, None, :, None]
+    out = value.new_zeros(B, Q, M, D)
+    for l in range(L):
+        H, W = (int(s) for s in spatial_shapes[l])
+        start = int(level_start_index[l])
+        x = loc[:, :, :, l, :, 0] * W - 0.5                  # pixel coordinates, [B, Q, M, P]
+        y = loc[:, :, :, l, :, 1] * H - 0.5
+        x0, y0 = torch.floor(x).detach(), torch.floor(y).detach()
+        for cx in (x0, x0 + 1):
+            for cy in (y0, y0 + 1):
+                corner_w = (1 - (x - cx).abs()) * (1 - (y - cy).abs())
+                inside = (cx >= 0) & (cx <= W - 1) & (cy >= 0) & (cy <= H - 1)
+                idx = start + cy.clamp(0, H - 1).long() * W + cx.clamp(0, W - 1).long()
+                corner_v = value[b, idx, m]                   # [B, Q, M, P, D]
+                wgt = corner_w * inside * attn[:, :, :, l]    # [B, Q, M, P]
+                out = out + (wgt[..., None] * corner_v).sum(3)
+    return out.flatten(2)                                     # [B, Q, M*D]
+
+
+def make_inputs(B, M, D, shapes, Q, P, dtype=torch.float64, device="cpu", spread=0.3, seed=0):
+    """Random inputs; locations in [-spread, 1 + spread] so that some fall outside the map."""
+    g = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.long)
+    sizes = spatial_shapes.prod(1)
+    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    L, S = len(shapes), int(sizes.sum())
+    value = torch.randn(B, S, M, D, generator=g, dtype=dtype)
+    loc = torch.rand(B, Q, M, L, P, 2, generator=g, dtype=dtype) * (1 + 2 * spread) - spread
+    attn = torch.rand(B, Q, M, L, P, generator=g, dtype=dtype)
+    attn = attn / attn.sum((-1, -2), keepdim=True)
+    return tuple(t.to(device) for t in (value, spatial_shapes, level_start_index, loc, attn))
+
+
+# ------------------------------------------------------------------------------------------------
+# fallback
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,M,D,shapes,Q,P", [
+    (2, 3, 5, [(7, 11), (4, 6), (2, 3)], 13, 4),
+    (1, 2, 8, [(5, 3)], 9, 2),
+    (3, 1, 4, [(1, 9), (6, 1), (3, 4), (2, 2)], 6, 3),
+])
+def test_fallback_matches_naive_reference(B, M, D, shapes, Q, P):
+    inputs = make_inputs(B, M, D, shapes, Q, P, seed=B * 100 + Q)
+    loc = inputs[3]
+    assert ((loc < 0) | (loc > 1)).any(), "the test must include locations outside the map"
+    ref = naive_msda(*inputs)
+    out = ms_deform_attn_pytorch(*inputs)
+    assert out.shape == (B, Q, M * D) and out.dtype == torch.float64
+    assert ref.abs().max() > 0.1
+    assert (out - ref).abs().max().item() < 1e-10
+
+
+def test_fallback_gradients_match_naive_reference():
+    inputs = make_inputs(2, 2, 3, [(5, 7), (3, 2)], 6, 3, seed=3)
+    value, shapes, starts, loc, attn = inputs
+    grads = []
+    for fn in (ms_deform_attn_pytorch, naive_msda):
+        leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+        out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
+        grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        grads.append(torch.autograd.grad(out, leaves, grad_out))
+    for mine, ref in zip(*grads):
+        assert ref.abs().max() > 1e-3
+        assert (mine - ref).abs().max().item() < 1e-10
+
+
+def test_fallback_gradcheck_float64():
+    value, shapes, starts, loc, attn = make_inputs(2, 2, 3, [(3, 4), (2, 3)], 3, 2, seed=7)
+    value, loc, attn = (t.requires_grad_() for t in (value, loc, attn))
+    assert torch.autograd.gradcheck(
+        lambda v, x, a: ms_deform_attn_pytorch(v, shapes, starts, x, a), (value, loc, attn))
+
+
+def test_fallback_float32_and_head_major_layout():
+    value, shapes, starts, loc, attn = make_inputs(1, 3, 4, [(4, 5)], 2, 2, seed=5)
+    out32 = ms_deform_attn_pytorch(value.float(), shapes, starts, loc.float(), attn.float())
+    assert out32.dtype == torch.float32
+    ref = naive_msda(value, shapes, starts, loc, attn)
+    assert (out32.double() - ref).abs().max().item() < 1e-5
+    # head-major: channels [m*D:(m+1)*D] are head m's; zeroing head 1's values changes only them
+    value2 = value.clone()
+    value2[:, :, 1] = 0
+    out2 = ms_deform_attn_pytorch(value2, shapes, starts, loc, attn)
+    ref64 = ms_deform_attn_pytorch(value, shapes, starts, loc, attn)
+    assert torch.equal(out2[..., :4], ref64[..., :4]) and torch.equal(out2[..., 8:], ref64[..., 8:])
+    assert out2[..., 4:8].abs().max() == 0
+
+
+def test_pixel_centres_and_zero_outside():
+    # one 2x3 level, one head, one channel: value = 10*row + col
+    value = torch.tensor([[0., 1., 2.], [10., 11., 12.]], dtype=torch.float64).view(1, 6, 1, 1)
+    shapes, starts = torch.tensor([[2, 3]]), torch.tensor([0])
+    # pixel (row 1, col 2)'s centre; half-way between cols 0 and 1 of row 0; off the map to the
+    # left; on the bottom edge (half of row 1 blended with the zero padding); a pixel below the map
+    xy = torch.tensor([[2.5 / 3, 1.5 / 2], [1.0 / 3, 0.5 / 2], [-0.5, 0.5], [0.5, 1.0], [0.5, 1.25]],
+                      dtype=torch.float64)
+    loc = xy.view(1, 5, 1, 1, 1, 2)
+    attn = torch.ones(1, 5, 1, 1, 1, dtype=torch.float64)
+    out = ms_deform_attn_pytorch(value, shapes, starts, loc, attn).flatten()
+    expected = torch.tensor([12., 0.5, 0., 5.5, 0.], dtype=torch.float64)
+    assert (out - expected).abs().max().item() < 1e-12
+
+
+def test_wrong_shapes_raise_clear_errors():
+    value, shapes, starts, loc, attn = make_inputs(1, 2, 3, [(3, 4)], 2, 2)
+    with pytest.raises(ValueError, match="spatial_shapes"):
+        ms_deform_attn_pytorch(value[:, :-1], shapes, starts, loc, attn)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        ms_deform_attn(value, shapes, starts, loc, attn[:, :, :1])
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch: CPU tensors, the environment switch, a failing build
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_dispatch(monkeypatch):
+    """A clean dispatch state (no extension, no build tried, nothing logged) and a fake build."""
+    calls = []
+
+    def fake_build(verbose=False):
+        calls.append(verbose)
+        raise RuntimeError("Error building extension 'fd_msda': nvcc not found")
+
+    monkeypatch.setattr(msda, "_ext", None)
+    monkeypatch.setattr(msda, "_ext_tried", False)
+    monkeypatch.setattr(msda, "_logged", set())
+    monkeypatch.setattr(msda, "build_extension", fake_build)
+    monkeypatch.delenv(msda.FALLBACK_ENV, raising=False)
+    return calls
+
+
+def test_cpu_tensors_use_fallback_without_building(fresh_dispatch, caplog):
+    inputs = make_inputs(2, 2, 3, [(3, 4), (2, 2)], 5, 2)
+    with caplog.at_level(logging.INFO, logger="ops"):
+        out = ms_deform_attn(*inputs)
+        ms_deform_attn(*inputs)
+    assert fresh_dispatch == []                       # CPU tensors never trigger a build
+    assert torch.equal(out, ms_deform_attn_pytorch(*inputs))
+    lines = [r.getMessage() for r in caplog.records if r.name == "ops"]
+    assert lines == ["ops: multi-scale deformable attention runs on the PyTorch fallback (cpu tensors)"]
+
+
+def test_failed_build_warns_once_and_is_not_retried(fresh_dispatch, caplog):
+    with caplog.at_level(logging.INFO, logger="ops"):
+        assert msda._extension() is None
+        assert msda._extension() is None
+    assert len(fresh_dispatch) == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    msg = warnings[0].getMessage()
+    assert "\n" not in msg and "nvcc not found" in msg and "fallback" in msg
+
+
+@pytest.mark.parametrize("setting,builds", [("1", False), ("0", True), ("", True)])
+def test_env_var_forces_fallback(fresh_dispatch, monkeypatch, setting, builds):
+    monkeypatch.setenv(msda.FALLBACK_ENV, setting)
+    assert msda.fallback_forced() == (not builds)
+    assert msda._extension() is None
+    assert len(fresh_dispatch) == int(builds)
+
+
+def test_low_precision_inputs_are_computed_in_float32():
+    value, shapes, starts, loc, attn = make_inputs(2, 2, 4, [(6, 5), (3, 3)], 7, 2,
+                                                   dtype=torch.float32)
+    ref = ms_deform_attn(value.bfloat16().float(), shapes, starts, loc, attn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ms_deform_attn(value.bfloat16(), shapes, starts, loc, attn)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max().item() < 2e-2
+    # gradients flow back to the low-precision input in its own dtype
+    v = value.bfloat16().requires_grad_()
+    ms_deform_attn(v, shapes, starts, loc, attn).float().sum().backward()
+    assert v.grad.dtype == torch.bfloat16 and v.grad.abs().max() > 0
