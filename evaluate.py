@@ -1,0 +1,532 @@
+"""Evaluate a detector with the official nuScenes metrics, draw its boxes, time it.
+
+    python evaluate.py --ckpt runs/cpu-tiny/last.pt                     # val: NDS, mAP, per-class table
+    python evaluate.py --oracle --dataroot data/synthetic --out runs/oracle   # GT through the same path
+    python evaluate.py --ckpt X.pt --vis 4                                # pictures under OUT/vis/
+    python evaluate.py --speed --model cpu-tiny [--ckpt X.pt]             # latency, FPS, params, GFLOPs
+    python evaluate.py --ckpt X.pt --dataroot /data/nuscenes --version v1.0-test --split test --format-only
+
+The path from a prediction to a score is written once here and used by train.py too:
+  model.predict per sample, each scene in time order with its temporal state (architecture.md 2.13)
+  -> boxes in the LIDAR_TOP frame, our layout [x, y, z, w, l, h, yaw, vx, vy]
+  -> devkit Box, lidar -> ego (LIDAR_TOP calibrated_sensor), class range filter in the ego frame,
+     ego -> global (LIDAR_TOP ego_pose), attribute rule (architecture.md 2.12)
+  -> results_nusc.json -> the devkit's DetectionEval -> metrics_summary.json and the table.
+`--oracle` sends the ground truth through exactly this path, so a convention bug (a swapped w/l, the
+old mmdet3d yaw, a missing calibration step) shows up as NDS < 1 before any GPU time is spent.
+
+This file is also the home of the few helpers both entry points need: `preset_config`,
+`config_from_dict`, `build_model` (dispatch on `config.detector`) and the safe checkpoint loader.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pickle
+import sys
+import time
+
+import numpy as np
+import torch
+from pyquaternion import Quaternion
+
+import data
+from data import InputError
+
+# ------------------------------------------------------------------------------------------------
+# Models: presets, configs, checkpoints (shared with train.py)
+
+
+def _detr3d():
+    """detr3d.py is optional here: it is imported only when a DETR3D preset or checkpoint is asked for."""
+    try:
+        import detr3d
+    except ModuleNotFoundError as e:
+        if e.name != 'detr3d':
+            raise
+        return None
+    return detr3d
+
+
+def _model_module(detector):
+    if detector == 'bevformer':
+        import bevformer
+        return bevformer
+    if detector == 'detr3d':
+        module = _detr3d()
+        if module is None:
+            raise InputError("config: detector 'detr3d' needs detr3d.py, which is not in this checkout")
+        return module
+    raise InputError(f"config: unknown detector '{detector}' (expected 'bevformer' or 'detr3d')")
+
+
+def preset_config(name, flag='--model'):
+    """A fresh copy of the preset `name` (preset names are unique across bevformer.py and detr3d.py)."""
+    import bevformer
+    modules = [bevformer]
+    if name not in bevformer.PRESETS:
+        module = _detr3d()
+        modules += [module] if module is not None else []
+    for module in modules:
+        if name in module.PRESETS:
+            return dataclasses.replace(module.PRESETS[name])
+    known = sorted(n for module in modules for n in module.PRESETS)
+    raise InputError(f"{flag}: unknown preset '{name}' (choose from {', '.join(known)})")
+
+
+def config_from_dict(d, what='checkpoint'):
+    """Rebuild the config dataclass a checkpoint stored with dataclasses.asdict."""
+    if not isinstance(d, dict) or 'detector' not in d:
+        raise InputError(f"{what}: its 'config' is not a model config dict with a 'detector' field")
+    module = _model_module(d['detector'])
+    cls = type(next(iter(module.PRESETS.values())))
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise InputError(f"{what}: config fields {unknown} are unknown to {module.__name__}.py "
+                         f"(written by another version of the code?)")
+    return cls(**d)
+
+
+def build_model(cfg):
+    """The detector of a config: bevformer.BEVFormer or detr3d.DETR3D, on the CPU."""
+    module = _model_module(cfg.detector)
+    return module.BEVFormer(cfg) if cfg.detector == 'bevformer' else module.DETR3D(cfg)
+
+
+def load_checkpoint(path, flag='--ckpt'):
+    """Read a checkpoint with torch.load(weights_only=True): tensors and plain Python values only.
+
+    A pickle that would construct anything else (and so could run code) is refused before any of
+    its code runs; the unpickler of weights_only never imports or calls what the file names.
+    """
+    if not os.path.isfile(path):
+        raise InputError(f"{flag}: checkpoint '{path}' not found")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{flag}: '{path}' refused: its pickle holds objects other than tensors and plain "
+                         f"values (it could run code); only plain-dict checkpoints load") from None
+    except Exception as e:  # truncated zip, not a torch file at all, ...
+        raise InputError(f"{flag}: '{path}' is not a readable torch checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'config' not in ckpt:
+        raise InputError(f"{flag}: '{path}' is not a FocalDistiller checkpoint (expected a dict with 'model' "
+                         f"and 'config'; convert an official one with `python bevformer.py convert`)")
+    return ckpt
+
+
+def model_from_checkpoint(path, flag='--ckpt'):
+    """(model, config, checkpoint): the detector rebuilt from the checkpoint's own config, weights loaded
+    (on the CPU). train.py uses it for --teacher too."""
+    ckpt = load_checkpoint(path, flag)
+    cfg = config_from_dict(ckpt['config'], what=f"{flag} '{path}'")
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:
+        raise InputError(f"{flag}: '{path}' weights do not fit its config "
+                         f"({str(e).splitlines()[-1].strip()[:160]})") from None
+    return model, cfg, ckpt
+
+
+# ------------------------------------------------------------------------------------------------
+# Predictions: every scene in time order with the model's temporal state
+
+
+def eval_set_name(version, split):
+    """The devkit's split name DetectionEval needs (nuscenes-format.md 3.1)."""
+    if split == 'test':
+        return 'test'
+    return f'mini_{split}' if version.endswith('mini') else split
+
+
+def scene_groups(ds):
+    """Dataset indices grouped by scene, each in time order (ds.sample_tokens is sorted per scene)."""
+    groups = {}
+    for i, token in enumerate(ds.sample_tokens):
+        groups.setdefault(ds.nusc.get('sample', token)['scene_token'], []).append(i)
+    return list(groups.values())
+
+
+def _as_numpy(det):
+    return {k: det[k].detach().float().cpu().numpy() if k != 'labels' else det[k].cpu().numpy()
+            for k in ('boxes', 'scores', 'labels')}
+
+
+@torch.no_grad()
+def predict_split(model, ds, device, rank=0, world=1, workers=0, progress=True):
+    """{sample_token: {'boxes' [K, 9], 'scores' [K], 'labels' [K]}} (numpy, LIDAR_TOP frame).
+
+    Each scene runs in time order through `model.predict`, whose `state` carries the previous BEV
+    and pose (architecture.md 2.13; it resets itself at a new scene token). Under torchrun whole
+    scenes go to each rank, so the temporal chain is never cut, and rank 0 gathers the results.
+    The dataset must be built with queue_length=1: history comes from the state, not from the loader.
+    """
+    was_training = model.training
+    model.eval()
+    groups = scene_groups(ds)[rank::world]
+    order = [i for g in groups for i in g]
+    # batch_size=None: items come one by one, uncollated; workers only prefetch in order.
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, order), batch_size=None,
+                                         num_workers=workers, generator=torch.Generator())
+    preds, state = {}, None
+    for item in _progress(loader, total=len(order), desc=f'predict {len(order)} samples', on=progress and rank == 0):
+        res = model.predict(item['img'].to(device), item['lidar2img'].to(device),
+                            can_bus=item['can_bus'].to(device), state=state,
+                            img_shape=item['img_shape'], scene_token=item['scene_token'])
+        state = res['state']
+        preds[item['sample_token']] = _as_numpy(res)
+    model.train(was_training)
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, preds)
+        preds = {k: v for part in gathered for k, v in part.items()}
+    return preds
+
+
+def _progress(iterable, total, desc, on):
+    if not on:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False)
+
+
+def ground_truth_as_predictions(ds, progress=True):
+    """The dataset's GT boxes with score 1, in the shape predict_split returns (for --oracle)."""
+    preds = {}
+    for i in _progress(range(len(ds)), total=len(ds), desc='oracle', on=progress):
+        item = ds[i]
+        k = len(item['gt_labels'])
+        preds[item['sample_token']] = {'boxes': item['gt_boxes'].numpy().astype(np.float64),
+                                       'scores': np.ones(k), 'labels': item['gt_labels'].numpy()}
+    return preds
+
+
+# ------------------------------------------------------------------------------------------------
+# Predictions -> nuScenes submission (architecture.md 2.12)
+
+# Attribute rule of the official code: a moving object gets its class's "moving" attribute, a still
+# one its "still" attribute; DEFAULT_ATTRIBUTE otherwise.
+MOVING_ATTRIBUTE = {'car': 'vehicle.moving', 'construction_vehicle': 'vehicle.moving', 'bus': 'vehicle.moving',
+                    'truck': 'vehicle.moving', 'trailer': 'vehicle.moving',
+                    'bicycle': 'cycle.with_rider', 'motorcycle': 'cycle.with_rider'}
+STILL_ATTRIBUTE = {'pedestrian': 'pedestrian.standing', 'bus': 'vehicle.stopped'}
+DEFAULT_ATTRIBUTE = {'car': 'vehicle.parked', 'truck': 'vehicle.parked', 'trailer': 'vehicle.parked',
+                     'construction_vehicle': 'vehicle.parked', 'bus': 'vehicle.moving',
+                     'pedestrian': 'pedestrian.moving', 'bicycle': 'cycle.without_rider',
+                     'motorcycle': 'cycle.without_rider', 'barrier': '', 'traffic_cone': ''}
+
+
+def attribute_name(name, velocity):
+    speed = math.hypot(velocity[0], velocity[1])
+    table = MOVING_ATTRIBUTE if speed > 0.2 else STILL_ATTRIBUTE
+    return table.get(name, DEFAULT_ATTRIBUTE[name])
+
+
+def lidar_boxes(boxes, scores, labels):
+    """Our [K, 9] LIDAR_TOP boxes as devkit Boxes in the same frame (centre, wlh and yaw are already
+    nuScenes-native, so this is a plain repackaging: no -yaw - pi/2 as in mmdet3d)."""
+    from nuscenes.utils.data_classes import Box
+    out = []
+    for b, s, l in zip(boxes, scores, labels):
+        out.append(Box(center=[float(b[0]), float(b[1]), float(b[2])], size=[float(b[3]), float(b[4]), float(b[5])],
+                       orientation=Quaternion(axis=[0.0, 0.0, 1.0], radians=float(b[6])),
+                       velocity=(float(b[7]), float(b[8]), 0.0), label=int(l), score=float(s),
+                       name=data.CLASSES[int(l)]))
+    return out
+
+
+def lidar_pose(nusc, sample_token):
+    """(calibrated_sensor, ego_pose) records of the sample's LIDAR_TOP sample_data."""
+    sd = nusc.get('sample_data', nusc.get('sample', sample_token)['data']['LIDAR_TOP'])
+    return nusc.get('calibrated_sensor', sd['calibrated_sensor_token']), nusc.get('ego_pose', sd['ego_pose_token'])
+
+
+def to_global(nusc, sample_token, boxes, class_range=None):
+    """Devkit Boxes in the LIDAR_TOP frame -> global frame, in place; with class_range, boxes farther
+    than their class's range from the ego (planar, in the ego frame) are dropped first."""
+    cs, pose = lidar_pose(nusc, sample_token)
+    kept = []
+    for box in boxes:
+        box.rotate(Quaternion(cs['rotation']))      # lidar -> ego (velocity turns with the box)
+        box.translate(np.array(cs['translation']))
+        if class_range is not None and np.linalg.norm(box.center[:2]) > class_range[box.name]:
+            continue
+        box.rotate(Quaternion(pose['rotation']))    # ego -> global
+        box.translate(np.array(pose['translation']))
+        kept.append(box)
+    return kept
+
+
+def to_submission(nusc, preds, sample_tokens):
+    """nuScenes detection submission dict: every token of the split present (an empty list if none)."""
+    from nuscenes.eval.common.config import config_factory
+    class_range = config_factory('detection_cvpr_2019').class_range
+    results = {}
+    for token in sample_tokens:
+        p = preds[token]
+        entries = []
+        for box in to_global(nusc, token, lidar_boxes(p['boxes'], p['scores'], p['labels']), class_range):
+            entries.append({'sample_token': token, 'translation': box.center.tolist(), 'size': box.wlh.tolist(),
+                            'rotation': box.orientation.elements.tolist(), 'velocity': box.velocity[:2].tolist(),
+                            'detection_name': box.name, 'detection_score': float(box.score),
+                            'attribute_name': attribute_name(box.name, box.velocity)})
+        results[token] = entries
+    meta = {'use_camera': True, 'use_lidar': False, 'use_radar': False, 'use_map': False, 'use_external': False}
+    return {'meta': meta, 'results': results}
+
+
+def write_json(path, obj):
+    """Atomic JSON write (temp file + os.replace)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Official metrics
+
+
+def score(nusc, result_path, eval_set, out_dir, verbose=True):
+    """Run the devkit's DetectionEval: it writes out_dir/metrics_summary.json (and metrics_details.json)
+    and prints its table; we add a note for TP errors that are 1.0 only because recall < 10%."""
+    from nuscenes.eval.common.config import config_factory
+    from nuscenes.eval.detection.data_classes import DetectionMetricDataList
+    from nuscenes.eval.detection.evaluate import DetectionEval
+    cfg = config_factory('detection_cvpr_2019')
+    os.makedirs(out_dir, exist_ok=True)
+    evaluator = DetectionEval(nusc, cfg, result_path=result_path, eval_set=eval_set, output_dir=out_dir,
+                              verbose=verbose)
+    summary = evaluator.main(plot_examples=0, render_curves=False)
+    with open(os.path.join(out_dir, 'metrics_details.json')) as f:
+        details = DetectionMetricDataList.deserialize(json.load(f))
+    # calc_tp returns 1.0 when the highest recall reached at the 2 m threshold is below min_recall.
+    first = round(100 * cfg.min_recall) + 1
+    low = [c for c in cfg.class_names if details[(c, cfg.dist_th_tp)].max_recall_ind < first]
+    if low:
+        print(f"\nnote: TP errors of 1.0 for {', '.join(low)}: recall at the {cfg.dist_th_tp:g} m threshold "
+              f"stays below {cfg.min_recall:.0%}, so the devkit cannot measure these errors and writes 1.0 "
+              f"(the worst value), not a measured error.")
+    return summary
+
+
+def evaluate_split(model, ds, out_dir, device, eval_set, rank=0, world=1, workers=0, vis=0, progress=True):
+    """Predict the whole split, write OUT/results_nusc.json, score it on rank 0. Returns the devkit's
+    metrics summary on rank 0 (None elsewhere). Used by train.py for its periodic and final evaluation."""
+    preds = predict_split(model, ds, device, rank, world, workers, progress)
+    if rank != 0:
+        return None
+    result_path = os.path.join(out_dir, 'results_nusc.json')
+    write_json(result_path, to_submission(ds.nusc, preds, ds.sample_tokens))
+    summary = score(ds.nusc, result_path, eval_set, out_dir, verbose=progress)
+    if vis:
+        visualise(ds, preds, os.path.join(out_dir, 'vis'), vis)
+    return summary
+
+
+def print_last_line(summary):
+    print(f"NDS {summary['nd_score']:.4f} mAP {summary['mean_ap']:.4f}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pictures: six cameras with projected boxes, and a bird's-eye view
+
+PRED_COLOUR, GT_COLOUR = 'tab:red', 'tab:green'
+
+
+def visualise(ds, preds, out_dir, k, score_threshold=0.3):
+    """K samples spread over the split: OUT/vis/<i>_<token>.png with the six cameras (boxes projected
+    with the devkit's view_points through Box.render) and a BEV plot in the LIDAR_TOP frame."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    from nuscenes.utils.geometry_utils import BoxVisibility, box_in_image
+    os.makedirs(out_dir, exist_ok=True)
+    nusc = ds.nusc
+    picks = np.unique(np.linspace(0, len(ds) - 1, min(k, len(ds))).round().astype(int))
+    for n, i in enumerate(picks):
+        token = ds.sample_tokens[i]
+        gt = ds[i]
+        p = preds[token]
+        keep = p['scores'] >= score_threshold
+        sets = [(lidar_boxes(p['boxes'][keep], p['scores'][keep], p['labels'][keep]), PRED_COLOUR),
+                (lidar_boxes(gt['gt_boxes'].numpy(), np.ones(len(gt['gt_labels'])), gt['gt_labels'].numpy()), GT_COLOUR)]
+        fig = plt.figure(figsize=(24, 11))
+        sample = nusc.get('sample', token)
+        for c, cam in enumerate(data.CAMERAS):
+            ax = fig.add_subplot(3, 4, [1, 2, 3, 5, 6, 7][c])
+            sd = nusc.get('sample_data', sample['data'][cam])
+            cs = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
+            pose = nusc.get('ego_pose', sd['ego_pose_token'])
+            intrinsic = np.array(cs['camera_intrinsic'])
+            ax.imshow(Image.open(os.path.join(nusc.dataroot, sd['filename'])))
+            for boxes, colour in sets:
+                for box in to_global(nusc, token, [b.copy() for b in boxes]):
+                    # global -> this camera's ego pose -> camera (the camera's own timestamp)
+                    box.translate(-np.array(pose['translation']))
+                    box.rotate(Quaternion(pose['rotation']).inverse)
+                    box.translate(-np.array(cs['translation']))
+                    box.rotate(Quaternion(cs['rotation']).inverse)
+                    if box_in_image(box, intrinsic, (sd['width'], sd['height']), vis_level=BoxVisibility.ANY):
+                        box.render(ax, view=intrinsic, normalize=True, colors=(colour,) * 3, linewidth=1)
+            ax.set_xlim(0, sd['width'])
+            ax.set_ylim(sd['height'], 0)
+            ax.set_title(cam, fontsize=9)
+            ax.axis('off')
+        ax = fig.add_subplot(1, 4, 4)
+        for boxes, colour in sets:
+            for box in boxes:   # LIDAR_TOP frame: x right, y forward
+                box.render(ax, view=np.eye(4), normalize=False, colors=(colour,) * 3, linewidth=1)
+        ax.plot(0, 0, 'k^')
+        ax.set_xlim(-51.2, 51.2)
+        ax.set_ylim(-51.2, 51.2)
+        ax.set_aspect('equal')
+        ax.set_title(f'BEV (LIDAR_TOP): prediction (score >= {score_threshold}) red, GT green', fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f'{n:03d}_{token}.png'), dpi=70)
+        plt.close(fig)
+    print(f'wrote {len(picks)} pictures to {out_dir}')
+
+
+# ------------------------------------------------------------------------------------------------
+# Speed
+
+
+def speed(model, ds, device, amp=False, warmup=3, runs=10):
+    """Latency of model.predict on one real sample (batch 1), data loading and host->device copy
+    excluded, history state carried as in evaluation. Prints the protocol with the figures."""
+    item = ds[min(1, len(ds) - 1)]
+    img, l2i, can_bus = item['img'].to(device), item['lidar2img'].to(device), item['can_bus'].to(device)
+    params = sum(p.numel() for p in model.parameters())
+    model.eval()
+    dtype = 'fp16 autocast' if amp and device.type == 'cuda' else 'fp32'
+
+    def step(state):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=dtype != 'fp32'):
+            return model.predict(img, l2i, can_bus=can_bus, state=state, img_shape=item['img_shape'],
+                                 scene_token=item['scene_token'])['state']
+
+    state = None
+    for _ in range(warmup):
+        state = step(state)
+    times = []
+    for _ in range(runs):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        state = step(state)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    gflops = count_gflops(model, img, l2i, can_bus, item)
+    latency = float(np.median(times))
+    threads = torch.get_num_threads()
+    print(f"protocol: model.predict, batch 1, {img.shape[0]} cameras, input tensor {tuple(img.shape[-2:])} "
+          f"(content {tuple(item['img_shape'])}), {dtype}, device {device}"
+          + (f' ({threads} threads)' if device.type == 'cpu' else '')
+          + f", with the previous BEV in the state, data loading excluded, median of {runs} after {warmup} warm-up")
+    print(f"latency {latency * 1000:.1f} ms  FPS {1 / latency:.2f}  parameters {params / 1e6:.2f} M  "
+          f"GFLOPs {'n/a' if gflops is None else f'{gflops:.2f}'}")
+    return {'latency_s': latency, 'fps': 1 / latency, 'params': params, 'gflops': gflops}
+
+
+def count_gflops(model, img, l2i, can_bus, item):
+    """GFLOPs of one predict call: bevformer.count_flops when the model file provides it, else
+    torch's FlopCounterMode (counts matmuls and convolutions as 2 FLOPs per multiply-add)."""
+    import bevformer
+    if hasattr(bevformer, 'count_flops'):
+        return bevformer.count_flops(model, img, l2i, can_bus=can_bus) / 1e9
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.predict(img, l2i, can_bus=can_bus, img_shape=item['img_shape'], scene_token=item['scene_token'])
+    return counter.get_total_flops() / 1e9
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('what to evaluate')
+    g.add_argument('--ckpt', help='checkpoint written by train.py or `bevformer.py convert` (the model is rebuilt from its config)')
+    g.add_argument('--model', help='preset name (random weights unless --ckpt); for --speed without a checkpoint')
+    g.add_argument('--oracle', action='store_true', help='score the ground truth sent through the prediction path (checks conventions: NDS ~1)')
+    g = p.add_argument_group('data')
+    g.add_argument('--dataroot', default='data/synthetic', help='nuScenes-format root')
+    g.add_argument('--version', default='v1.0-mini', help='v1.0-mini, v1.0-trainval or v1.0-test')
+    g.add_argument('--split', default='val', help="'val' or 'train' (scored), 'test' (with --format-only)")
+    g.add_argument('--workers', type=int, default=2, help='data-loading processes')
+    g = p.add_argument_group('outputs')
+    g.add_argument('--out', help='output folder (default: <ckpt folder>/eval_<split>, or runs/oracle)')
+    g.add_argument('--format-only', action='store_true', help='write the submission JSON only (test split: no GT)')
+    g.add_argument('--vis', type=int, default=0, metavar='K', help='pictures of K samples under OUT/vis/')
+    g.add_argument('--speed', action='store_true', help='latency, FPS, parameters and GFLOPs instead of metrics')
+    g = p.add_argument_group('system')
+    g.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
+    g.add_argument('--amp', action='store_true', help='fp16 autocast (CUDA only)')
+    return p.parse_args(argv)
+
+
+def pick_device(name):
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device: '{name}' is not a device (expected auto, cpu, cuda or cuda:K)") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise InputError(f"--device: '{name}' asked for, but torch sees no CUDA device")
+    return device
+
+
+def run(args):
+    device = pick_device(args.device)
+    if args.ckpt:
+        model, cfg, _ = model_from_checkpoint(args.ckpt)
+    elif args.model:
+        cfg = preset_config(args.model)
+        model = build_model(cfg)
+    elif not args.oracle:
+        raise InputError('give --ckpt CKPT (or --model NAME with --speed, or --oracle)')
+    out = args.out or (os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f'eval_{args.split}')
+                       if args.ckpt else os.path.join('runs', 'oracle' if args.oracle else f'{args.model}-eval'))
+    if args.oracle:
+        ds = data.NuScenesDataset(args.dataroot, version=args.version, split=args.split, train=False)
+        preds = ground_truth_as_predictions(ds)
+    else:
+        model.to(device)
+        ds = data.NuScenesDataset(args.dataroot, version=args.version, split=args.split,
+                                  image_size=tuple(cfg.image_size), queue_length=1, train=False)
+        if args.speed:
+            return speed(model, ds, device, amp=args.amp)
+        preds = predict_split(model, ds, device, workers=args.workers)
+    result_path = os.path.join(out, 'results_nusc.json')
+    write_json(result_path, to_submission(ds.nusc, preds, ds.sample_tokens))
+    print(f'wrote {result_path}')
+    if args.vis:
+        visualise(ds, preds, os.path.join(out, 'vis'), args.vis)
+    if args.format_only or args.split == 'test':
+        return None
+    summary = score(ds.nusc, result_path, eval_set_name(args.version, args.split), out)
+    print_last_line(summary)
+    return summary
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        run(args)
+    except InputError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()
