@@ -397,19 +397,23 @@ def visualise(ds, preds, out_dir, k, score_threshold=0.3):
 # Speed
 
 
-def speed(model, ds, device, amp=False, warmup=3, runs=10):
-    """Latency of model.predict on one real sample (batch 1), data loading and host->device copy
-    excluded, history state carried as in evaluation. Prints the protocol with the figures."""
-    item = ds[min(1, len(ds) - 1)]
-    img, l2i, can_bus = item['img'].to(device), item['lidar2img'].to(device), item['can_bus'].to(device)
+def speed(model, cfg, device, amp=False, warmup=3, runs=10):
+    """Latency of model.predict on one sample (batch 1) with the previous BEV in its state, images
+    already at the preset's input size on the device: data loading, resizing and the host->device
+    copy are excluded. The input is bevformer.example_batch (random pixels, a nuScenes-like rig), so
+    no dataset is needed; the cost does not depend on the pixel values. Prints the protocol."""
+    import bevformer
+    batch = bevformer.example_batch(cfg, batch_size=1, history=False)
+    img, l2i = batch['img'][0].to(device), batch['lidar2img'][0].to(device)
+    can_bus, img_shape = batch['can_bus'][0].to(device), tuple(batch['img_shape'][0].tolist())
     params = sum(p.numel() for p in model.parameters())
     model.eval()
     dtype = 'fp16 autocast' if amp and device.type == 'cuda' else 'fp32'
 
     def step(state):
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=dtype != 'fp32'):
-            return model.predict(img, l2i, can_bus=can_bus, state=state, img_shape=item['img_shape'],
-                                 scene_token=item['scene_token'])['state']
+            return model.predict(img, l2i, can_bus=can_bus, state=state, img_shape=img_shape,
+                                 scene_token='speed')['state']
 
     state = None
     for _ in range(warmup):
@@ -423,27 +427,36 @@ def speed(model, ds, device, amp=False, warmup=3, runs=10):
         if device.type == 'cuda':
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    gflops = count_gflops(model, img, l2i, can_bus, item)
+    gflops = count_gflops(model, img, l2i, can_bus, img_shape)
     latency = float(np.median(times))
-    threads = torch.get_num_threads()
-    print(f"protocol: model.predict, batch 1, {img.shape[0]} cameras, input tensor {tuple(img.shape[-2:])} "
-          f"(content {tuple(item['img_shape'])}), {dtype}, device {device}"
-          + (f' ({threads} threads)' if device.type == 'cpu' else '')
-          + f", with the previous BEV in the state, data loading excluded, median of {runs} after {warmup} warm-up")
+    where = f'{device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else \
+        f'{device} ({torch.cuda.get_device_name(device)})'
+    print(f"protocol: {cfg.name}, model.predict, batch 1, {img.shape[0]} cameras, input tensor "
+          f"{img.shape[-1]}x{img.shape[-2]} (content {img_shape[1]}x{img_shape[0]}), {dtype}, {where}, "
+          f"previous BEV in the state, data loading and resizing excluded, median of {runs} runs after "
+          f"{warmup} warm-up runs")
     print(f"latency {latency * 1000:.1f} ms  FPS {1 / latency:.2f}  parameters {params / 1e6:.2f} M  "
           f"GFLOPs {'n/a' if gflops is None else f'{gflops:.2f}'}")
     return {'latency_s': latency, 'fps': 1 / latency, 'params': params, 'gflops': gflops}
 
 
-def count_gflops(model, img, l2i, can_bus, item):
-    """GFLOPs of one predict call: bevformer.count_flops when the model file provides it, else
-    torch's FlopCounterMode (counts matmuls and convolutions as 2 FLOPs per multiply-add)."""
+def count_gflops(model, img, l2i, can_bus, img_shape):
+    """GFLOPs of one predict call (no previous BEV): bevformer.count_flops when the model file
+    provides it, else torch's FlopCounterMode (a multiply-add of a matmul or convolution = 2 FLOPs;
+    ops it does not know, such as the deformable-attention sampling, count 0)."""
     import bevformer
     if hasattr(bevformer, 'count_flops'):
         return bevformer.count_flops(model, img, l2i, can_bus=can_bus) / 1e9
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.predict(img, l2i, can_bus=can_bus, img_shape=item['img_shape'], scene_token=item['scene_token'])
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():      # the counter's module tracker trips over grad-less leaves
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.predict(img, l2i, can_bus=can_bus, img_shape=img_shape, scene_token='flops')
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
     return counter.get_total_flops() / 1e9
 
 
@@ -497,6 +510,10 @@ def run(args):
         raise InputError('give --ckpt CKPT (or --model NAME with --speed, or --oracle)')
     out = args.out or (os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f'eval_{args.split}')
                        if args.ckpt else os.path.join('runs', 'oracle' if args.oracle else f'{args.model}-eval'))
+    if args.speed:
+        if args.oracle:
+            raise InputError('--speed times a model: give --model NAME or --ckpt CKPT, not --oracle')
+        return speed(model.to(device), cfg, device, amp=args.amp)
     if args.oracle:
         ds = data.NuScenesDataset(args.dataroot, version=args.version, split=args.split, train=False)
         preds = ground_truth_as_predictions(ds)
@@ -504,8 +521,6 @@ def run(args):
         model.to(device)
         ds = data.NuScenesDataset(args.dataroot, version=args.version, split=args.split,
                                   image_size=tuple(cfg.image_size), queue_length=1, train=False)
-        if args.speed:
-            return speed(model, ds, device, amp=args.amp)
         preds = predict_split(model, ds, device, workers=args.workers)
     result_path = os.path.join(out, 'results_nusc.json')
     write_json(result_path, to_submission(ds.nusc, preds, ds.sample_tokens))
@@ -519,12 +534,21 @@ def run(args):
     return summary
 
 
+def one_line(error):
+    """The message of an InputError as one line, also when a DataLoader worker raised it (the loader
+    re-raises it with the worker's traceback in the message; the original message is its last line)."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    for prefix in ('data.InputError: ', 'InputError: '):
+        last = last[len(prefix):] if last.startswith(prefix) else last
+    return last
+
+
 def main(argv=None):
     args = get_args(argv)
     try:
         run(args)
     except InputError as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {one_line(e)}', file=sys.stderr)
         sys.exit(2)
 
 

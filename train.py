@@ -523,7 +523,7 @@ def train(args, explicit=()):
                            'grad_norm': float(grad_norm), 'dt': now - t_last})
             t_last = now
             bar.update(1)
-            bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{lr:.2e}')
+            bar.set_postfix(loss=f"{window[-1]['loss']:.3f}", lr=f'{lr:.2e}')
             done = it + 1
             if done % args.log_every == 0 or done == total:
                 mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
@@ -602,7 +602,7 @@ def main(argv=None):
     try:
         result = train(args, explicit)
     except InputError as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {evaluate.one_line(e)}', file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:
         print(f'error: {e}', file=sys.stderr)
