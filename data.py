@@ -1,0 +1,506 @@
+"""nuScenes-format data: a loader built on nuscenes-devkit, and the CLI of the synthetic world.
+
+    python data.py synth --out data/synthetic        # writes the synthetic world (synthetic.py)
+    python data.py bench --dataroot data/synthetic   # loading throughput, 0 and 2 workers
+
+`NuScenesDataset` reads any nuScenes-format root (v1.0-mini, v1.0-trainval, v1.0-test, the synthetic
+world) directly with the devkit: no info pkl, no converter. Tables, `get_sample_data`, `Box`,
+`box_velocity` and the quaternions are the devkit's; this file only composes them.
+
+Item layout (contract): the current frame's `img` [N, 3, Hp, Wp] (RGB 0..255, resized to `image_size`,
+zero-padded bottom/right to a multiple of 32), `img_shape` (H, W) before padding, `lidar2img` [N, 4, 4]
+for exactly that tensor, `can_bus` [18], `gt_boxes` [K, 9] / `gt_labels` [K] in the LIDAR_TOP frame,
+`gt_tokens` (their sample_annotation tokens), `sample_token`, `scene_token`, `timestamp` (us), `index`,
+`queue_length` T, and `history`: up to T-1 earlier
+frames of the same scene (oldest first), each with `img`, `img_shape`, `lidar2img`, `can_bus`,
+`scene_token`, `timestamp`, `sample_token`.
+
+Differences from the official pipeline (mmdet3d info pkl + BEVFormer dataset), all on purpose:
+* Images are read as RGB by PIL (the official loader reads BGR with OpenCV); models normalise.
+* Boxes keep nuScenes' own yaw (contract); the official `-yaw - pi/2` is converted only when loading
+  official checkpoints.
+* Without the CAN-bus expansion, can_bus[7:16] is derived from the ego poses (see `can_bus`).
+* The training history is drawn from the previous T frames as in BEVFormer, but frames of another scene
+  are dropped instead of being run and reset (same effect on the model: no usable prev_bev).
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from pyquaternion import Quaternion
+
+from nuscenes.eval.common.utils import quaternion_yaw
+from nuscenes.eval.detection.utils import category_to_detection_name
+from nuscenes.utils.geometry_utils import BoxVisibility, transform_matrix
+from nuscenes.utils.splits import create_splits_scenes
+
+import synthetic
+from synthetic import CAMERAS, CLASSES
+
+PC_RANGE_XY = 51.2           # GT kept when |x| and |y| are strictly inside (BEVFormer's ObjectRangeFilter)
+PAD = 32                     # images are zero-padded to a multiple of this
+
+
+class InputError(ValueError):
+    """Bad user input (missing folder, wrong flag, corrupt file): the CLIs print `error: <message>`."""
+
+
+def write_synthetic_world(out, version='v1.0-mini', train_scenes=None, val_scenes=None, samples_per_scene=40,
+                          image_scale=0.25, seed=0, **kwargs):
+    """Write the synthetic nuScenes-format world (synthetic.py; kwargs: workers, progress). Returns its
+    statistics (seconds, bytes, scenes, samples, annotations, image_size). Bad requests raise InputError."""
+    try:
+        return synthetic.write_synthetic_world(out, version, train_scenes, val_scenes, samples_per_scene,
+                                               image_scale, seed, **kwargs)
+    except synthetic.WorldSpecError as e:
+        raise InputError(str(e)) from None
+
+
+def to_device(batch, device):
+    """Move every tensor of a (nested dict/list/tuple) batch to `device`; other values are kept."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [to_device(v, device) for v in batch]
+    if isinstance(batch, tuple):
+        return tuple(to_device(v, device) for v in batch)
+    return batch
+
+
+def split_scene_names(version, split):
+    """The official scene names of `split` for `version` (mini: train/val -> mini_train/mini_val)."""
+    splits = create_splits_scenes()
+    if version.endswith('mini'):
+        key = {'train': 'mini_train', 'val': 'mini_val'}.get(split, split)
+        allowed = ('train', 'val', 'mini_train', 'mini_val')
+    elif version.endswith('trainval'):
+        key, allowed = split, ('train', 'val')
+    elif version.endswith('test'):
+        key, allowed = split, ('test',)
+    else:
+        raise InputError('--version %s: expected v1.0-mini, v1.0-trainval or v1.0-test' % version)
+    if split not in allowed:
+        raise InputError('--split %s: expected one of %s for %s' % (split, ', '.join(allowed), version))
+    return set(splits[key])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-frame pieces.
+
+def load_image(path, size):
+    """RGB float32 [H, W, 3] in 0..255 resized to size = (W, H) (bilinear). JPEG draft mode decodes at a
+    reduced scale first when the target is at least 2x smaller (much faster on 1600x900 images)."""
+    try:
+        with Image.open(path) as im:
+            if size is not None and im.format == 'JPEG':
+                im.draft('RGB', size)
+            im = im.convert('RGB')
+            if size is not None and im.size != tuple(size):
+                im = im.resize(tuple(size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.float32)
+    except (OSError, SyntaxError, ValueError) as e:   # PIL raises these for truncated or non-image files
+        raise InputError('%s: cannot read the image (%s); expected a readable JPEG/PNG' % (path, e)) from None
+
+
+def photometric_distortion(img, rng):
+    """BEVFormer's PhotoMetricDistortionMultiViewImage on one RGB float image [H, W, 3] (0..255): random
+    brightness (+-32), contrast (x0.5..1.5, before or after the colour steps), saturation (x0.5..1.5) and
+    hue (+-18 deg), each with probability 1/2, then a random channel swap with probability 1/2. Saturation
+    and hue act in YIQ space (a rotation of the chroma plane) instead of OpenCV's HSV: same intent,
+    vectorised, no OpenCV. Clipped back to 0..255."""
+    def coin():
+        return rng.random() < 0.5
+    if coin():
+        img = img + rng.uniform(-32, 32)
+    contrast_first = coin()
+    if contrast_first and coin():
+        img = img * rng.uniform(0.5, 1.5)
+    sat = rng.uniform(0.5, 1.5) if coin() else 1.0
+    hue = np.deg2rad(rng.uniform(-18, 18)) if coin() else 0.0
+    if sat != 1.0 or hue != 0.0:
+        to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+        c, s = np.cos(hue) * sat, np.sin(hue) * sat
+        m = np.linalg.inv(to_yiq) @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32) @ to_yiq
+        img = img @ m.T.astype(np.float32)
+    if not contrast_first and coin():
+        img = img * rng.uniform(0.5, 1.5)
+    if coin():
+        img = img[..., rng.permutation(3)]
+    return np.clip(img, 0, 255)
+
+
+def pad_to(img, multiple=PAD):
+    """Zero-pad [N, 3, H, W] at the bottom/right to multiples of `multiple`."""
+    H, W = img.shape[-2:]
+    Hp, Wp = -(-H // multiple) * multiple, -(-W // multiple) * multiple
+    return torch.nn.functional.pad(img, (0, Wp - W, 0, Hp - H))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dataset.
+
+class NuScenesDataset(torch.utils.data.Dataset):
+    """Samples of one split of a nuScenes-format root, in time order per scene (scenes by start time).
+
+    dataroot: folder holding `<version>/*.json`, `samples/`, `maps/` (and optionally `can_bus/`).
+    image_size: (W, H) the images are resized to (anisotropic allowed; None keeps the native size).
+    queue_length: T, the number of frames seen by the model (T - 1 history frames, 1 = none).
+    train: draw history frames as BEVFormer does and skip samples without GT; False (evaluation) takes
+           the immediately preceding frames and keeps every sample.
+    photometric: photometric distortion of every image (training augmentation).
+    """
+
+    def __init__(self, dataroot, version='v1.0-mini', split='val', image_size=None, queue_length=1, train=False,
+                 photometric=False):
+        from nuscenes.nuscenes import NuScenes
+        if not os.path.isdir(dataroot):
+            raise InputError('--dataroot %s: folder not found; expected a nuScenes-format root (run `python data.py '
+                             'synth --out %s` for the synthetic world)' % (dataroot, dataroot))
+        table_dir = os.path.join(dataroot, version)
+        if not os.path.isdir(table_dir):
+            found = sorted(d for d in os.listdir(dataroot) if d.startswith('v1.0'))
+            raise InputError('%s: folder not found; expected the %s tables there (versions present: %s)'
+                             % (table_dir, version, ', '.join(found) or 'none'))
+        names = split_scene_names(version, split)
+        if queue_length < 1:
+            raise InputError('queue_length %d: expected >= 1' % queue_length)
+        try:
+            self.nusc = NuScenes(version=version, dataroot=dataroot, verbose=False)
+        except (OSError, AssertionError, KeyError, ValueError) as e:
+            raise InputError('%s: cannot load the nuScenes tables (%s: %s)' % (table_dir, type(e).__name__, e)) from None
+        self.dataroot, self.version, self.split = dataroot, version, split
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        self.queue_length, self.train, self.photometric = int(queue_length), bool(train), bool(photometric)
+
+        scenes = [s for s in self.nusc.scene if s['name'] in names]
+        if not scenes:
+            raise InputError('%s: no scene of split %s (expected official scene names such as %s)'
+                             % (table_dir, split, sorted(names)[0]))
+        scenes.sort(key=lambda s: self.nusc.get('sample', s['first_sample_token'])['timestamp'])
+        self.sample_tokens, self.scene_index = [], []   # scene_index[i]: position of sample i's scene
+        self.scene_start = []                           # first dataset index of each scene
+        for si, scene in enumerate(scenes):
+            self.scene_start.append(len(self.sample_tokens))
+            tok = scene['first_sample_token']
+            while tok:
+                self.sample_tokens.append(tok)
+                self.scene_index.append(si)
+                tok = self.nusc.get('sample', tok)['next']
+        self.scenes = scenes
+        self._check_images()
+        self._can = self._load_can_bus()
+
+    def _check_images(self):
+        """Fail at construction, naming the first missing camera image."""
+        for tok in self.sample_tokens:
+            data = self.nusc.get('sample', tok)['data']
+            for cam in CAMERAS:
+                if cam not in data:
+                    raise InputError('sample %s of %s: no %s image; expected the six cameras %s'
+                                     % (tok, self.version, cam, ', '.join(CAMERAS)))
+                path = os.path.join(self.dataroot, self.nusc.get('sample_data', data[cam])['filename'])
+                if not os.path.isfile(path):
+                    raise InputError('%s: camera image missing (listed in %s/sample_data.json); expected the '
+                                     'samples/ folder of the dataset' % (path, self.version))
+
+    def _load_can_bus(self):
+        """The CAN-bus expansion (`<dataroot>/can_bus/`) when present, else None (poses are used)."""
+        if not os.path.isdir(os.path.join(self.dataroot, 'can_bus')):
+            return None
+        from nuscenes.can_bus.can_bus_api import NuScenesCanBus
+        return NuScenesCanBus(dataroot=self.dataroot)
+
+    def __len__(self):
+        return len(self.sample_tokens)
+
+    # -- geometry ------------------------------------------------------------------------------------------
+
+    def _lidar_pose(self, sample):
+        sd = self.nusc.get('sample_data', sample['data']['LIDAR_TOP'])
+        return sd, self.nusc.get('calibrated_sensor', sd['calibrated_sensor_token']), \
+            self.nusc.get('ego_pose', sd['ego_pose_token'])
+
+    def lidar2img(self, sample, scale):
+        """[N, 4, 4] img_T_lidar per camera (architecture.md 7.2): each camera with its own ego pose.
+        scale: [N, 2] (sx, sy) of the resize applied to each image."""
+        _, l_cs, l_pose = self._lidar_pose(sample)
+        global_T_lidar = transform_matrix(l_pose['translation'], Quaternion(l_pose['rotation'])) @ \
+            transform_matrix(l_cs['translation'], Quaternion(l_cs['rotation']))
+        out = []
+        for n, cam in enumerate(CAMERAS):
+            sd = self.nusc.get('sample_data', sample['data'][cam])
+            cs = self.nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
+            pose = self.nusc.get('ego_pose', sd['ego_pose_token'])
+            cam_T_global = transform_matrix(cs['translation'], Quaternion(cs['rotation']), inverse=True) @ \
+                transform_matrix(pose['translation'], Quaternion(pose['rotation']), inverse=True)
+            K = np.eye(4)
+            K[:3, :3] = cs['camera_intrinsic']
+            out.append(np.diag([scale[n][0], scale[n][1], 1.0, 1.0]) @ K @ cam_T_global @ global_T_lidar)
+        return torch.tensor(np.stack(out), dtype=torch.float32)
+
+    def can_bus(self, index):
+        """[18] absolute can_bus of BEVFormer's layout (architecture.md 7.3): 0-2 ego position (global, the
+        LIDAR_TOP sample_data's ego pose), 3-6 ego rotation (w, x, y, z), 7-9 acceleration, 10-12 rotation
+        rate, 13-15 velocity (ego frame), 16 yaw in rad [0, 2pi), 17 the same yaw in degrees.
+        7-15 come from the CAN-bus expansion when present (pose message; accel, rotation rate and velocity
+        from the first message after the sample, as the official converter does); otherwise from the
+        ego poses of the neighbouring samples of the same scene: velocity by central difference, rotation
+        rate as the yaw rate about z, acceleration by second difference plus gravity on z (an IMU measures
+        +9.81 m/s^2 upwards at rest, like the CAN pose message)."""
+        sample = self.nusc.get('sample', self.sample_tokens[index])
+        _, _, pose = self._lidar_pose(sample)
+        rot = Quaternion(pose['rotation'])
+        yaw = quaternion_yaw(rot) % (2 * np.pi)
+        out = np.zeros(18)
+        out[:3] = pose['translation']
+        out[3:7] = rot.elements
+        out[16], out[17] = yaw, np.rad2deg(yaw)
+        motion = self._can_motion(sample) if self._can is not None else None
+        if motion is None:
+            motion = self._pose_motion(index)
+        out[7:16] = motion
+        return torch.tensor(out, dtype=torch.float32)
+
+    def _can_motion(self, sample):
+        scene = self.nusc.get('scene', sample['scene_token'])
+        try:
+            msgs = self._can.get_messages(scene['name'], 'pose', print_warnings=False)
+        except Exception:                       # scenes without CAN data (the devkit's blacklist)
+            return None
+        if not msgs:
+            return None
+        after = next((m for m in msgs if m['utime'] > sample['timestamp']), msgs[-1])
+        return np.concatenate([after['accel'], after['rotation_rate'], after['vel']])
+
+    def _pose_motion(self, index):
+        si = self.scene_index[index]
+        lo, hi = index, index
+        if index > 0 and self.scene_index[index - 1] == si:
+            lo = index - 1
+        if index + 1 < len(self) and self.scene_index[index + 1] == si:
+            hi = index + 1
+        if lo == hi:
+            return np.array([0, 0, 9.81, 0, 0, 0, 0, 0, 0], np.float64)
+        poses = []
+        for i in range(lo, hi + 1):
+            s = self.nusc.get('sample', self.sample_tokens[i])
+            p = self._lidar_pose(s)[2]
+            poses.append((s['timestamp'] * 1e-6, np.array(p['translation']), Quaternion(p['rotation'])))
+        ego_R_global = poses[index - lo][2].inverse
+        (t0, p0, q0), (t1, p1, q1) = poses[0], poses[-1]
+        vel = ego_R_global.rotate((p1 - p0) / (t1 - t0))
+        dyaw = (quaternion_yaw(q1) - quaternion_yaw(q0) + np.pi) % (2 * np.pi) - np.pi
+        rate = np.array([0.0, 0.0, dyaw / (t1 - t0)])
+        acc = np.array([0.0, 0.0, 9.81])
+        if len(poses) == 3:
+            (ta, pa, _), (tb, pb, _), (tc, pc, _) = poses
+            acc += ego_R_global.rotate(((pc - pb) / (tc - tb) - (pb - pa) / (tb - ta)) / ((tc - ta) / 2))
+        return np.concatenate([acc, rate, vel])
+
+    def gt(self, sample):
+        """gt_boxes [K, 9] (contract layout, LIDAR_TOP frame), gt_labels [K] int64 and the K annotation
+        tokens (architecture.md 7.5):
+        boxes from the devkit at the lidar sample_data, velocity from `box_velocity` rotated into the lidar
+        frame, kept when num_lidar_pts + num_radar_pts > 0 and |x|, |y| < 51.2 (z not filtered)."""
+        lidar_token = sample['data']['LIDAR_TOP']
+        _, l_cs, l_pose = self._lidar_pose(sample)
+        lidar_R_global = Quaternion(l_cs['rotation']).inverse * Quaternion(l_pose['rotation']).inverse
+        _, boxes, _ = self.nusc.get_sample_data(lidar_token, box_vis_level=BoxVisibility.NONE)
+        rows, labels, tokens = [], [], []
+        for box in boxes:
+            name = category_to_detection_name(box.name)
+            if name is None:
+                continue
+            ann = self.nusc.get('sample_annotation', box.token)
+            if ann['num_lidar_pts'] + ann['num_radar_pts'] <= 0:
+                continue
+            x, y, z = box.center
+            if not (abs(x) < PC_RANGE_XY and abs(y) < PC_RANGE_XY):
+                continue
+            v = self.nusc.box_velocity(box.token)
+            v = np.nan_to_num(np.array([v[0], v[1], 0.0]), nan=0.0)   # NaN (one annotation) -> 0, as mmdet3d
+            vx, vy, _ = lidar_R_global.rotate(v)
+            rows.append([x, y, z, *box.wlh, box.orientation.yaw_pitch_roll[0], vx, vy])
+            labels.append(CLASSES.index(name))
+            tokens.append(box.token)
+        boxes_t = torch.tensor(np.array(rows, np.float64).reshape(-1, 9), dtype=torch.float32)
+        return boxes_t, torch.tensor(labels, dtype=torch.int64), tokens
+
+    # -- items ---------------------------------------------------------------------------------------------
+
+    def frame(self, index, rng=None):
+        """One frame (no GT, no history): img, img_shape, lidar2img, can_bus, tokens, timestamp."""
+        sample = self.nusc.get('sample', self.sample_tokens[index])
+        imgs, scale = [], []
+        for cam in CAMERAS:
+            sd = self.nusc.get('sample_data', sample['data'][cam])
+            img = load_image(os.path.join(self.dataroot, sd['filename']), self.image_size)
+            if rng is not None:
+                img = photometric_distortion(img, rng)
+            h0, w0 = (sd['height'], sd['width']) if sd['width'] else img.shape[:2]
+            scale.append((img.shape[1] / w0, img.shape[0] / h0))
+            imgs.append(img)
+        shapes = {im.shape for im in imgs}
+        if len(shapes) > 1:
+            raise InputError('sample %s: camera images of different sizes %s; pass image_size=(W, H)'
+                             % (sample['token'], sorted(shapes)))
+        img = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)    # [N, 3, H, W]
+        H, W = img.shape[-2:]
+        return {'img': pad_to(img).contiguous(), 'img_shape': (int(H), int(W)),
+                'lidar2img': self.lidar2img(sample, scale), 'can_bus': self.can_bus(index),
+                'sample_token': sample['token'], 'scene_token': sample['scene_token'],
+                'timestamp': int(sample['timestamp'])}
+
+    def history_indices(self, index, generator=None):
+        """Dataset indices of the history frames, oldest first, all of the same scene and earlier.
+        Training (architecture.md 2.13): T-1 frames drawn at random from the previous T; evaluation: the
+        T-1 immediately preceding frames. Frames of another scene (and before index 0) are dropped."""
+        T = self.queue_length
+        if T <= 1:
+            return []
+        if self.train:
+            prev = list(range(index - T, index))
+            keep = torch.randperm(T, generator=generator)[:T - 1].tolist()
+            prev = sorted(prev[k] for k in keep)
+        else:
+            prev = list(range(index - T + 1, index))
+        si = self.scene_index[index]
+        return [i for i in prev if i >= 0 and self.scene_index[i] == si]
+
+    def __getitem__(self, index):
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index = index % len(self)
+        for _ in range(1000):
+            sample = self.nusc.get('sample', self.sample_tokens[index])
+            gt_boxes, gt_labels, gt_tokens = self.gt(sample)
+            if not self.train or len(gt_labels):
+                break
+            index = int(torch.randint(len(self), ()).item())    # BEVFormer: a sample without GT draws another
+        rng = np.random.default_rng(int(torch.randint(2 ** 31, ()).item())) if self.photometric else None
+        item = self.frame(index, rng)
+        item.update(gt_boxes=gt_boxes, gt_labels=gt_labels, gt_tokens=gt_tokens, index=index,
+                    queue_length=self.queue_length)
+        item['history'] = [self.frame(i, rng) for i in self.history_indices(index)]
+        return item
+
+
+def collate(items):
+    """Batch a list of items: tensors stacked with a leading B; `gt_boxes`/`gt_labels` kept as lists;
+    strings as lists; `img_shape` as the common (H, W); `history` padded to [B, T-1, ...] with a boolean
+    `history_valid` [B, T-1]. History is right-aligned: slot T-2 is always the frame just before the
+    current one, padding sits at the front (older end) and is all zeros."""
+    batch = {}
+    for key in items[0]:
+        if key == 'history':
+            continue
+        vals = [it[key] for it in items]
+        if key in ('gt_boxes', 'gt_labels', 'gt_tokens'):
+            batch[key] = vals
+        elif key == 'img_shape':
+            if len(set(vals)) > 1:
+                raise ValueError('collate: items have different img_shape %s' % sorted(set(vals)))
+            batch[key] = vals[0]
+        elif torch.is_tensor(vals[0]):
+            batch[key] = torch.stack(vals)
+        elif isinstance(vals[0], (int, np.integer)):
+            batch[key] = torch.tensor(vals, dtype=torch.int64)
+        else:
+            batch[key] = vals
+    B = len(items)
+    T1 = max([it.get('queue_length', 1) - 1 for it in items] + [len(it['history']) for it in items])
+    cur = items[0]
+    hist = {'img': torch.zeros((B, T1) + tuple(cur['img'].shape), dtype=cur['img'].dtype),
+            'lidar2img': torch.zeros((B, T1) + tuple(cur['lidar2img'].shape)),
+            'can_bus': torch.zeros((B, T1) + tuple(cur['can_bus'].shape)),
+            'timestamp': torch.zeros((B, T1), dtype=torch.int64),
+            'img_shape': cur['img_shape'],
+            'scene_token': [[''] * T1 for _ in range(B)], 'sample_token': [[''] * T1 for _ in range(B)]}
+    valid = torch.zeros((B, T1), dtype=torch.bool)
+    for b, it in enumerate(items):
+        frames = it['history']
+        for j, f in enumerate(frames):
+            t = T1 - len(frames) + j
+            for key in ('img', 'lidar2img', 'can_bus'):
+                hist[key][b, t] = f[key]
+            hist['timestamp'][b, t] = f['timestamp']
+            hist['scene_token'][b][t] = f['scene_token']
+            hist['sample_token'][b][t] = f['sample_token']
+            valid[b, t] = True
+    batch['history'] = hist
+    batch['history_valid'] = valid
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+def bench(args):
+    """Samples per second through a DataLoader (batch 1, collate) with 0 and 2 workers."""
+    size, T = (args.image_size[0], args.image_size[1]), args.queue_length
+    ds = NuScenesDataset(args.dataroot, args.version, args.split, image_size=size, queue_length=T, train=True,
+                         photometric=True)
+    n = min(args.samples, len(ds))
+    print('dataset %s %s %s: %d samples; image_size %dx%d, queue_length %d (%d frames x 6 cameras per sample), '
+          'train=True, photometric=True; %d samples timed after %d warm-up'
+          % (args.dataroot, args.version, args.split, len(ds), size[0], size[1], T, T, n, args.warmup))
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=True, num_workers=workers,
+                                             collate_fn=collate, persistent_workers=False)
+        it = iter(loader)
+        for _ in range(args.warmup):
+            next(it)
+        t = time.perf_counter()
+        for _ in range(n):
+            next(it)
+        dt = time.perf_counter() - t
+        print('workers %d: %.1f samples/s (%.1f ms per sample)' % (workers, n / dt, 1000 * dt / n))
+        del it, loader
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    sub = p.add_subparsers(dest='cmd', required=True)
+    s = sub.add_parser('synth', help='write the synthetic nuScenes-format world')
+    s.add_argument('--out', default='data/synthetic', help='output folder (default data/synthetic)')
+    s.add_argument('--version', default='v1.0-mini', help='v1.0-mini (8 + 2 scenes) or v1.0-trainval')
+    s.add_argument('--train-scenes', type=int, default=None, help='number of train scenes (default 8)')
+    s.add_argument('--val-scenes', type=int, default=None, help='number of val scenes (default 2)')
+    s.add_argument('--samples-per-scene', type=int, default=40, help='keyframes per scene at 2 Hz (default 40)')
+    s.add_argument('--image-scale', type=float, default=0.25, help='image size as a fraction of 1600x900 '
+                   '(default 0.25: 400x225)')
+    s.add_argument('--seed', type=int, default=0, help='random seed (same seed, same bytes)')
+    s.add_argument('--workers', type=int, default=None, help='rendering processes (default min(2, CPUs))')
+    b = sub.add_parser('bench', help='loading throughput with 0 and 2 workers')
+    b.add_argument('--dataroot', default='data/synthetic', help='nuScenes-format root')
+    b.add_argument('--version', default='v1.0-mini', help='dataset version folder')
+    b.add_argument('--split', default='train', help='train or val')
+    b.add_argument('--image-size', type=int, nargs=2, default=(200, 113), metavar=('W', 'H'),
+                   help='resize target (default 200 113: the cpu-tiny apprentice input)')
+    b.add_argument('--queue-length', type=int, default=3, help='frames per sample (default 3, cpu-tiny)')
+    b.add_argument('--samples', type=int, default=40, help='samples timed per setting')
+    b.add_argument('--warmup', type=int, default=3, help='samples loaded before timing')
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == 'synth':
+            stats = write_synthetic_world(args.out, args.version, args.train_scenes, args.val_scenes,
+                                          args.samples_per_scene, args.image_scale, args.seed, workers=args.workers)
+            print('wrote %s: %d scenes, %d samples, %d annotations, images %dx%d, %.1f MB in %.1f s'
+                  % (args.out, stats['scenes'], stats['samples'], stats['annotations'], *stats['image_size'],
+                     stats['bytes'] / 1e6, stats['seconds']))
+        else:
+            bench(args)
+    except InputError as e:
+        print('error: %s' % e, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""data.py and synthetic.py: geometry against nuscenes-devkit, ground truth through DetectionEval,
+determinism, the temporal history, batching and bad input. One small world per session (fixtures.py)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from pyquaternion import Quaternion
+
+import data
+from fixtures import ROOT, small_world
+from nuscenes.eval.common.utils import quaternion_yaw
+from nuscenes.eval.detection.utils import category_to_detection_name
+from nuscenes.utils.data_classes import Box
+from nuscenes.utils.geometry_utils import BoxVisibility, view_points
+
+SIZE = (160, 96)   # != the world's 200x113: exercises the anisotropic resize in lidar2img
+
+
+@pytest.fixture(scope='session')
+def world(tmp_path_factory):
+    return small_world(tmp_path_factory.mktemp('small_world'))
+
+
+@pytest.fixture(scope='session')
+def val(world):
+    return data.NuScenesDataset(world, 'v1.0-mini', 'val', image_size=SIZE, queue_length=3)
+
+
+def lidar_box_to_global(nusc, sample_token, row):
+    """A contract row [x, y, z, w, l, h, yaw, vx, vy] (LIDAR_TOP frame) as a devkit Box in the global frame,
+    moved with the devkit's own Box.rotate / translate."""
+    sample = nusc.get('sample', sample_token)
+    sd = nusc.get('sample_data', sample['data']['LIDAR_TOP'])
+    cs = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
+    pose = nusc.get('ego_pose', sd['ego_pose_token'])
+    x, y, z, w, l, h, yaw, vx, vy = [float(v) for v in row]
+    box = Box([x, y, z], [w, l, h], Quaternion(axis=[0, 0, 1], angle=yaw), velocity=(vx, vy, 0.0))
+    box.rotate(Quaternion(cs['rotation']))
+    box.translate(np.array(cs['translation']))
+    box.rotate(Quaternion(pose['rotation']))
+    box.translate(np.array(pose['translation']))
+    return box, pose
+
+
+def test_item_layout_and_collate(val):
+    item = val[1]
+    H, W = item['img_shape']
+    assert (W, H) == SIZE
+    assert item['img'].shape == (6, 3, 96, 160) and item['img'].dtype == torch.float32   # 96, 160: x32 already
+    assert 0 <= item['img'].min() and item['img'].max() <= 255 and item['img'].max() > 100
+    assert item['lidar2img'].shape == (6, 4, 4) and item['can_bus'].shape == (18,)
+    assert item['gt_boxes'].shape[1] == 9 and item['gt_labels'].dtype == torch.int64
+    assert len(item['gt_boxes']) == len(item['gt_labels']) == len(item['gt_tokens']) > 5
+    assert set(item['gt_labels'].tolist()) <= set(range(10))
+    # GT filter: strictly inside +-51.2 m, every kept box has lidar points
+    assert item['gt_boxes'][:, :2].abs().max() < 51.2
+    for t in item['gt_tokens']:
+        ann = val.nusc.get('sample_annotation', t)
+        assert ann['num_lidar_pts'] + ann['num_radar_pts'] > 0
+    batch = data.collate([val[0], val[2]])
+    assert batch['img'].shape == (2, 6, 3, 96, 160) and batch['img_shape'] == (96, 160)
+    assert batch['history']['img'].shape == (2, 2, 6, 3, 96, 160)
+    assert batch['history']['lidar2img'].shape == (2, 2, 6, 4, 4) and batch['history']['can_bus'].shape == (2, 2, 18)
+    # sample 0 has no history, sample 2 has two frames; history is right-aligned, padding is zero
+    assert batch['history_valid'].tolist() == [[False, False], [True, True]]
+    assert batch['history']['img'][0].abs().sum() == 0 and batch['history']['img'][1].abs().sum() > 0
+    assert isinstance(batch['gt_boxes'], list) and batch['timestamp'].dtype == torch.int64
+    moved = data.to_device(batch, 'cpu')
+    assert moved.keys() == batch.keys() and torch.equal(moved['history']['img'], batch['history']['img'])
+
+
+def test_padding_to_32(world):
+    ds = data.NuScenesDataset(world, 'v1.0-mini', 'val', image_size=(200, 113))
+    item = ds[0]
+    assert item['img_shape'] == (113, 200) and item['img'].shape[-2:] == (128, 224)
+    assert item['img'][:, :, 113:].abs().sum() == 0 and item['img'][:, :, :, 200:].abs().sum() == 0
+
+
+def test_lidar2img_matches_devkit_projection(val):
+    """Every GT centre projected with the item's lidar2img lands where the devkit projects it: the boxes of
+    get_sample_data(camera) with the camera intrinsic, scaled to the resized image (0.5 px)."""
+    checked = 0
+    for i in range(len(val)):
+        item = val[i]
+        sample = val.nusc.get('sample', item['sample_token'])
+        by_token = dict(zip(item['gt_tokens'], item['gt_boxes'][:, :3].double()))
+        for n, cam in enumerate(data.CAMERAS):
+            sd = val.nusc.get('sample_data', sample['data'][cam])
+            sx, sy = SIZE[0] / sd['width'], SIZE[1] / sd['height']
+            _, boxes, K = val.nusc.get_sample_data(sd['token'], box_vis_level=BoxVisibility.NONE)
+            M = item['lidar2img'][n].double()
+            for box in boxes:
+                if box.token not in by_token or box.center[2] < 1.0:
+                    continue
+                ref = view_points(box.center[:, None], K, normalize=True)[:2, 0] * [sx, sy]
+                p = M @ torch.cat([by_token[box.token], torch.ones(1, dtype=torch.float64)])
+                uv = (p[:2] / p[2]).numpy()
+                assert abs(p[2].item() - box.center[2]) < 1e-3                  # depth is the camera z
+                if -50 < ref[0] < SIZE[0] + 50 and -50 < ref[1] < SIZE[1] + 50:
+                    assert np.abs(uv - ref).max() < 0.5, (cam, box.token, uv, ref)
+                    checked += 1
+    assert checked > 50
+
+
+def test_boxes_back_to_global_match_annotations(val):
+    """Item rows -> devkit Box in the lidar frame -> global with the devkit's transforms equals the
+    sample_annotation translation, size, yaw and box_velocity (1e-3)."""
+    nusc, checked, moving = val.nusc, 0, 0
+    for i in range(len(val)):
+        item = val[i]
+        for row, tok, label in zip(item['gt_boxes'].double(), item['gt_tokens'], item['gt_labels']):
+            ann = nusc.get('sample_annotation', tok)
+            box, _ = lidar_box_to_global(nusc, item['sample_token'], row)
+            assert np.allclose(box.center, ann['translation'], atol=1e-3)
+            assert np.allclose(box.wlh, ann['size'], atol=1e-3)
+            dyaw = quaternion_yaw(box.orientation) - quaternion_yaw(Quaternion(ann['rotation']))
+            assert abs((dyaw + np.pi) % (2 * np.pi) - np.pi) < 1e-3
+            v = nusc.box_velocity(tok)[:2]
+            assert np.allclose(box.velocity[:2], np.nan_to_num(v), atol=1e-3)
+            assert category_to_detection_name(ann['category_name']) == data.CLASSES[label]
+            checked += 1
+            moving += np.hypot(*v) > 1.0
+    assert checked > 50 and moving > 5
+
+
+# -- ground truth through DetectionEval --------------------------------------------------------------------
+
+CLASS_RANGE = {'car': 50, 'truck': 50, 'bus': 50, 'trailer': 50, 'construction_vehicle': 50, 'pedestrian': 40,
+               'motorcycle': 40, 'bicycle': 40, 'traffic_cone': 30, 'barrier': 30}
+
+
+def attribute_rule(name, speed):
+    """BEVFormer's test-time attribute (architecture.md 2.12)."""
+    if speed > 0.2:
+        if name in ('car', 'construction_vehicle', 'bus', 'truck', 'trailer'):
+            return 'vehicle.moving'
+        if name in ('bicycle', 'motorcycle'):
+            return 'cycle.with_rider'
+    else:
+        if name == 'pedestrian':
+            return 'pedestrian.standing'
+        if name == 'bus':
+            return 'vehicle.stopped'
+    return {'car': 'vehicle.parked', 'truck': 'vehicle.parked', 'trailer': 'vehicle.parked',
+            'construction_vehicle': 'vehicle.parked', 'pedestrian': 'pedestrian.moving', 'bus': 'vehicle.moving',
+            'bicycle': 'cycle.without_rider', 'motorcycle': 'cycle.without_rider'}.get(name, '')
+
+
+def submission(ds, shift=0.0, seed=0):
+    """A minimal GT -> nuScenes submission (the production one is evaluate.py's): every item box, score 1,
+    moved to global with the devkit, optionally shifted by `shift` metres in a random direction."""
+    rng = np.random.default_rng(seed)
+    results = {}
+    for i in range(len(ds)):
+        item = ds[i]
+        dets = []
+        for row, label in zip(item['gt_boxes'].double(), item['gt_labels']):
+            row = row.clone()
+            a = rng.uniform(0, 2 * np.pi)
+            row[0] += shift * np.cos(a)
+            row[1] += shift * np.sin(a)
+            box, pose = lidar_box_to_global(ds.nusc, item['sample_token'], row)
+            name = data.CLASSES[label]
+            if np.hypot(*(box.center[:2] - pose['translation'][:2])) > CLASS_RANGE[name]:
+                continue                     # (the devkit filters these anyway)
+            dets.append({'sample_token': item['sample_token'], 'translation': box.center.tolist(),
+                         'size': box.wlh.tolist(), 'rotation': box.orientation.elements.tolist(),
+                         'velocity': box.velocity[:2].tolist(), 'detection_name': name, 'detection_score': 1.0,
+                         'attribute_name': attribute_rule(name, float(np.hypot(*box.velocity[:2])))})
+        results[item['sample_token']] = dets
+    return {'meta': {'use_camera': True, 'use_lidar': False, 'use_radar': False, 'use_map': False,
+                     'use_external': False}, 'results': results}
+
+
+def evaluate(ds, sub, out):
+    from nuscenes.eval.common.config import config_factory
+    from nuscenes.eval.detection.evaluate import DetectionEval
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, 'results.json')
+    with open(path, 'w') as f:
+        json.dump(sub, f)
+    ev = DetectionEval(ds.nusc, config_factory('detection_cvpr_2019'), path, 'mini_val', out, verbose=False)
+    metrics, _ = ev.evaluate()
+    return metrics
+
+
+def test_ground_truth_scores_one_and_shifted_less(val, tmp_path):
+    # the split holds all 10 classes within their evaluation ranges (else mAP < 1 for perfect predictions)
+    assert len(val.sample_tokens) == 4
+    m = evaluate(val, submission(val), str(tmp_path / 'gt'))
+    assert m.mean_ap >= 0.99 and m.nd_score >= 0.99, (m.mean_ap, m.nd_score, m.tp_errors)
+    m2 = evaluate(val, submission(val, shift=0.5), str(tmp_path / 'shifted'))
+    assert m2.nd_score < 0.93 and m2.mean_ap < 0.9, (m2.mean_ap, m2.nd_score)
+    assert abs(m2.tp_errors['trans_err'] - 0.5) < 0.01
+
+
+# -- synthetic world ---------------------------------------------------------------------------------------
+
+def test_synthetic_world_is_deterministic(tmp_path):
+    kw = dict(train_scenes=1, val_scenes=0, samples_per_scene=2, image_scale=0.05, progress=False, workers=0)
+    a, b, c = (str(tmp_path / n) for n in 'abc')
+    data.write_synthetic_world(a, seed=3, **kw)
+    data.write_synthetic_world(b, seed=3, **kw)
+    data.write_synthetic_world(c, seed=4, **kw)
+    tables = sorted(os.listdir(os.path.join(a, 'v1.0-mini')))
+    assert len(tables) == 13
+    for t in tables:
+        ta, tb = (open(os.path.join(r, 'v1.0-mini', t), 'rb').read() for r in (a, b))
+        assert ta == tb, t
+    assert open(os.path.join(a, 'v1.0-mini', 'sample_annotation.json'), 'rb').read() != \
+        open(os.path.join(c, 'v1.0-mini', 'sample_annotation.json'), 'rb').read()
+    for sub in ('samples/CAM_FRONT', 'samples/LIDAR_TOP'):
+        fa = sorted(os.listdir(os.path.join(a, sub)))
+        assert fa == sorted(os.listdir(os.path.join(b, sub))) and fa
+        assert open(os.path.join(a, sub, fa[0]), 'rb').read() == open(os.path.join(b, sub, fa[0]), 'rb').read()
+
+
+def test_synthetic_world_content(val):
+    """Motion, attributes and points: static objects at exactly 0, moving ones > 0.2 m/s with the
+    attribute of the velocity rule, the ego moves and turns, lidar points inside kept boxes."""
+    nusc = val.nusc
+    static = moving = 0
+    for ann in nusc.sample_annotation:
+        v = nusc.box_velocity(ann['token'])[:2]
+        name = category_to_detection_name(ann['category_name'])
+        speed = float(np.hypot(*v))
+        assert speed == 0.0 or speed > 0.5
+        static += speed == 0.0
+        moving += speed > 0
+        attr = [nusc.get('attribute', a)['name'] for a in ann['attribute_tokens']]
+        assert attr == ([attribute_rule(name, speed)] if attribute_rule(name, speed) else [])
+        assert ann['visibility_token'] in '1234'
+    assert static > 50 and moving > 50
+    first, last = val[0]['can_bus'], val[len(val) - 1]['can_bus']
+    assert torch.norm(first[:2] - last[:2]) > 5.0                     # the ego drives
+    assert 0 <= first[16] < 2 * np.pi and abs(np.rad2deg(first[16].item()) - first[17].item()) < 1e-3
+    assert first[13] > 1.0 and abs(first[14]) < 0.3                    # forward velocity in the ego frame
+    # every sample has a LIDAR_TOP file the devkit reads
+    from nuscenes.utils.data_classes import LidarPointCloud
+    pc = LidarPointCloud.from_file(nusc.get_sample_data_path(nusc.sample[0]['data']['LIDAR_TOP']))
+    assert pc.points.shape[0] == 4 and pc.points.shape[1] > 1000
+
+
+# -- temporal history ----------------------------------------------------------------------------------------
+
+def test_history_same_scene_and_earlier(world):
+    T = 3
+    for train in (False, True):
+        ds = data.NuScenesDataset(world, 'v1.0-mini', 'train', image_size=SIZE, queue_length=T, train=train)
+        assert len(ds.scenes) == 2
+        for i in range(len(ds)):
+            pos = i - ds.scene_start[ds.scene_index[i]]          # position of i inside its scene
+            for _ in range(3 if train else 1):
+                h = ds.history_indices(i)
+                assert h == sorted(h) and all(ds.scene_index[j] == ds.scene_index[i] for j in h)
+                assert all(i - T <= j < i for j in h) and len(set(h)) == len(h)
+                if not train:
+                    assert h == list(range(i - min(T - 1, pos), i))
+                else:
+                    assert len(h) >= min(T - 1, pos) - 1
+        item = ds[len(ds) - 1]
+        assert 1 <= len(item['history']) <= T - 1
+        for f in item['history']:
+            assert f['scene_token'] == item['scene_token'] and f['timestamp'] < item['timestamp']
+            assert f['img'].shape == item['img'].shape
+
+
+def test_photometric_flag(world):
+    plain = data.NuScenesDataset(world, 'v1.0-mini', 'val', image_size=SIZE)
+    aug = data.NuScenesDataset(world, 'v1.0-mini', 'val', image_size=SIZE, train=True, photometric=True)
+    torch.manual_seed(0)
+    a, p = aug[0], plain[0]
+    assert a['img'].shape == p['img'].shape and 0 <= a['img'].min() and a['img'].max() <= 255
+    assert not torch.equal(a['img'], p['img'])
+    assert torch.equal(a['lidar2img'], p['lidar2img']) and torch.equal(a['gt_boxes'], p['gt_boxes'])
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+def test_bad_input_messages(world, tmp_path):
+    with pytest.raises(data.InputError, match='nowhere.*not found'):
+        data.NuScenesDataset(str(tmp_path / 'nowhere'))
+    with pytest.raises(data.InputError, match='v1.0-trainval.*not found'):
+        data.NuScenesDataset(world, 'v1.0-trainval', 'val')
+    with pytest.raises(data.InputError, match='--split test'):
+        data.NuScenesDataset(world, 'v1.0-mini', 'test')
+    with pytest.raises(data.InputError, match='v1.0-mini has 8 train'):
+        data.write_synthetic_world(str(tmp_path / 'w'), train_scenes=9)
+    # a missing image is found when the dataset is built, a corrupt one when it is read
+    copy = str(tmp_path / 'copy')
+    shutil.copytree(world, copy)
+    ds = data.NuScenesDataset(copy, 'v1.0-mini', 'val')
+    first = os.path.join(copy, ds.nusc.get('sample_data', ds.nusc.get('sample', ds.sample_tokens[0])['data']
+                                           ['CAM_FRONT'])['filename'])
+    with open(first, 'wb') as f:
+        f.write(b'not a jpeg')
+    with pytest.raises(data.InputError, match=os.path.basename(first) + '.*cannot read'):
+        ds[0]
+    os.remove(first)
+    with pytest.raises(data.InputError, match=os.path.basename(first) + '.*missing'):
+        data.NuScenesDataset(copy, 'v1.0-mini', 'val')
+
+
+def test_cli_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'data.py'), 'bench', '--dataroot', str(tmp_path / 'x')],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: --dataroot') and 'x' in lines[0], r.stderr
