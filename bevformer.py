@@ -1,0 +1,1083 @@
+"""BEVFormer in plain PyTorch.
+
+Paper: Li et al., "BEVFormer: Learning Bird's-Eye-View Representation from Multi-Camera Images via
+Spatiotemporal Transformers", ECCV 2022. Official code: github.com/fundamentalvision/BEVFormer
+(mmcv/mmdet3d). This file follows the data path: images -> ResNet + FPN -> BEV queries, temporal
+self-attention (TSA) over the ego-motion-aligned previous BEV, spatial cross-attention (SCA) into the
+cameras -> BEV features -> DETR-style decoder with iterative box refinement -> heads, Hungarian
+matching, focal + L1 losses, NMS-free decoding. Presets, official-checkpoint loading and a small CLI
+(`convert`, `bench`) close the file.
+
+Where we differ from the official code (architecture.md, section 2.14 for the quirks):
+* Boxes use the nuScenes-native yaw (README "Conventions"); the official checkpoints' mmdet3d yaw
+  (yaw' = -yaw - pi/2) is converted once, in `load_official`.
+* `official_quirks=False` (our default; the official presets turn it on) fixes: the rotation of the
+  previous BEV about (100, 100) for every BEV size, the aliased shift of both TSA reference halves,
+  the batch-size-1 assumptions (TSA `value[:B]`, SCA index lists built from sample 0 only), the TSA
+  value that is not updated per layer, and the unwrapped yaw delta (359 -> 1 deg gives -358).
+* Batches may mix samples with and without a previous BEV (the official code is all-or-none).
+* No mmcv registries; the deformable attention is `ops.ms_deform_attn` (CUDA kernel or fallback).
+
+Shape letters: B batch, T time, N cameras, C channels, Q queries (BEV cells or object queries),
+M heads, L levels, P points, Z pillar anchors, H/W sizes, K boxes, S flattened feature tokens.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from backbone_wip import FPN, GridMask, ResNet, load_backbone_weights  # noqa: F401 (re-exported)
+from data import InputError
+from ops import ms_deform_attn
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration (flat fields, so that `train.py --set key=value` can override any of them)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class BEVFormerConfig:
+    name: str = 'cpu-tiny'
+    detector: str = 'bevformer'
+    # input: content size (W, H) the images are resized to, zero-padded to a multiple of `pad_to`
+    image_size: tuple = (200, 113)
+    pad_to: int = 32
+    normalisation: str = 'rgb'     # 'rgb': ImageNet mean/std on RGB (Tiny); 'caffe': BGR, mean only
+    queue_length: int = 3          # frames per training sample (1 = no history)
+    num_cams: int = 6
+    num_classes: int = 10
+    # image backbone and neck
+    backbone_depth: int = 18
+    backbone_style: str = 'pytorch'
+    backbone_width: int = 64       # 64 = the standard ResNet
+    backbone_dcn: bool = False     # DCNv2 in stages 3 and 4 (Small/Base)
+    backbone_out: tuple = (3,)     # out_indices, 0..3 = C2..C5
+    frozen_stages: int = 1
+    with_cp: bool = False          # gradient checkpointing in the backbone (official Small)
+    fpn_levels: int = 1            # FPN outputs L (extra stride-2 levels when > len(backbone_out))
+    grid_mask: bool = True
+    grid_mask_prob: float = 0.7
+    # BEV encoder / decoder
+    embed_dims: int = 256
+    ffn_dims: int = 512
+    num_heads: int = 8
+    dropout: float = 0.1
+    bev_h: int = 50
+    bev_w: int = 50
+    pc_range: tuple = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+    num_z: int = 4                 # pillar anchors per BEV cell
+    enc_layers: int = 3
+    dec_layers: int = 6
+    num_query: int = 900
+    tsa_points: int = 4
+    sca_points: int = 8            # split evenly over the Z anchors (2 per anchor officially)
+    dec_points: int = 4
+    use_can_bus: bool = True
+    use_shift: bool = True
+    rotate_prev_bev: bool = True
+    official_quirks: bool = False  # reproduce architecture.md 2.14 (the official presets set it)
+    # loss and matching (architecture.md 2.11)
+    cls_weight: float = 2.0
+    bbox_weight: float = 0.25
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    code_weights: tuple = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
+    # NMS-free decoding (architecture.md 2.12)
+    max_num: int = 300
+    post_center_range: tuple = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
+
+    def __post_init__(self):
+        # checkpoints may hand tuples back as lists
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                setattr(self, f.name, tuple(v))
+        checks = [
+            (self.detector == 'bevformer', f"detector must be 'bevformer', got {self.detector!r}"),
+            (self.normalisation in ('rgb', 'caffe'), f"normalisation must be 'rgb' or 'caffe', got {self.normalisation!r}"),
+            (self.backbone_style in ('pytorch', 'caffe'), f"backbone_style must be 'pytorch' or 'caffe'"),
+            (self.embed_dims % self.num_heads == 0, 'embed_dims must be divisible by num_heads'),
+            (self.sca_points % self.num_z == 0, 'sca_points must be a multiple of num_z'),
+            (self.fpn_levels >= len(self.backbone_out), 'fpn_levels must be >= len(backbone_out)'),
+            (len(self.image_size) == 2 and len(self.pc_range) == 6, 'image_size is (W, H), pc_range has 6 values'),
+            (self.queue_length >= 1 and self.num_cams <= 6, 'queue_length >= 1 and at most 6 cameras'),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise InputError(f'config {self.name}: {msg}')
+
+    @property
+    def padded_size(self):
+        """(W, H) of the image tensor after zero padding to a multiple of `pad_to`."""
+        W, H = self.image_size
+        return (-(-W // self.pad_to) * self.pad_to, -(-H // self.pad_to) * self.pad_to)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image normalisation (a preset owns it: the official checkpoints differ), BEV geometry helpers
+# ---------------------------------------------------------------------------------------------
+
+IMAGENET_RGB = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))   # Tiny: to_rgb=True
+CAFFE_BGR = ((103.530, 116.280, 123.675), (1.0, 1.0, 1.0))          # Small/Base: to_rgb=False
+
+
+def normalize_images(img, img_shape, normalisation):
+    """img [B, N, 3, Hp, Wp] RGB 0..255 zero-padded; img_shape [B, 2] content (H, W).
+
+    The official pipeline normalises before padding, so the padding is zero in the normalised
+    image: we normalise the padded tensor and re-zero everything outside the content."""
+    if normalisation == 'caffe':
+        img = img.flip(2)                                    # RGB -> BGR (OpenCV order)
+        mean, std = CAFFE_BGR
+    else:
+        mean, std = IMAGENET_RGB
+    mean = img.new_tensor(mean).view(1, 1, 3, 1, 1)
+    std = img.new_tensor(std).view(1, 1, 3, 1, 1)
+    img = (img - mean) / std
+    Hp, Wp = img.shape[-2:]
+    rows = torch.arange(Hp, device=img.device)[None] < img_shape[:, 0:1]     # [B, Hp]
+    cols = torch.arange(Wp, device=img.device)[None] < img_shape[:, 1:2]     # [B, Wp]
+    inside = (rows[:, :, None] & cols[:, None, :]).to(img.dtype)            # [B, Hp, Wp]
+    return img * inside[:, None, None]
+
+
+def bev_grid(cfg, device):
+    """Normalised (x, y) of the BEV cell centres [Q, 2], flat index q = h * W + w (column = x)."""
+    ys, xs = torch.meshgrid((torch.arange(cfg.bev_h, device=device) + 0.5) / cfg.bev_h,
+                            (torch.arange(cfg.bev_w, device=device) + 0.5) / cfg.bev_w, indexing='ij')
+    return torch.stack([xs, ys], -1).view(-1, 2)
+
+
+def pillar_points(cfg, device):
+    """Metric 3D reference points of every pillar [Z, Q, 3] in the LIDAR_TOP frame (paper Sec. 3.3:
+    each BEV query is lifted to Z anchors; official `get_reference_points('3d')`)."""
+    x0, y0, z0, x1, y1, z1 = cfg.pc_range
+    zs = torch.linspace(0.5, (z1 - z0) - 0.5, cfg.num_z, device=device) / (z1 - z0)  # normalised
+    xy = bev_grid(cfg, device)                                                        # [Q, 2]
+    ref = torch.cat([xy[None].expand(cfg.num_z, -1, -1),
+                     zs[:, None, None].expand(-1, xy.shape[0], 1)], -1)               # [Z, Q, 3]
+    lo = ref.new_tensor([x0, y0, z0])
+    return ref * ref.new_tensor([x1 - x0, y1 - y0, z1 - z0]) + lo
+
+
+def project_points(points, lidar2img, pad_hw, eps=1e-5):
+    """Project metric LIDAR_TOP points into every camera (official `point_sampling`, in fp32).
+
+    points [Z, Q, 3]; lidar2img [B, N, 4, 4]; pad_hw: (H, W) of the padded image tensor.
+    Returns uv [N, B, Q, Z, 2] normalised by the padded size (0..1 inside the image) and
+    mask [N, B, Q, Z]: in front of the camera and strictly inside the image."""
+    with torch.autocast(device_type=points.device.type, enabled=False):
+        pts = torch.cat([points.float(), points.new_ones(*points.shape[:-1], 1).float()], -1)
+        cam = torch.einsum('bnij,zqj->nbqzi', lidar2img.float(), pts)              # [N, B, Q, Z, 4]
+        front = cam[..., 2] > eps
+        uv = cam[..., :2] / cam[..., 2:3].clamp(min=eps)
+        uv = uv / uv.new_tensor([pad_hw[1], pad_hw[0]])
+        mask = front & (uv[..., 0] > 0) & (uv[..., 0] < 1) & (uv[..., 1] > 0) & (uv[..., 1] < 1)
+    return torch.nan_to_num(uv), mask
+
+
+def can_bus_delta(can_bus, prev_can_bus, has_prev, wrap_angle=True):
+    """Absolute can_bus [B, 18] -> BEVFormer's input: translation (0:3) and yaw in degrees (17) as
+    deltas against the previous frame, zero without one (architecture.md 7.3, 2.13).
+    The official code does not wrap the yaw delta (359 -> 1 deg gives -358): `wrap_angle=False`."""
+    delta = can_bus.clone()
+    d_pos = can_bus[:, :3] - prev_can_bus[:, :3]
+    d_yaw = can_bus[:, 17] - prev_can_bus[:, 17]
+    if wrap_angle:
+        d_yaw = torch.remainder(d_yaw + 180.0, 360.0) - 180.0
+    has = has_prev.to(can_bus.dtype)
+    delta[:, :3] = d_pos * has[:, None]
+    delta[:, 17] = d_yaw * has
+    return delta
+
+
+def ego_shift(can_delta, cfg):
+    """Ego translation since the previous frame in normalised BEV units [B, 2] (x, y) (official
+    `get_bev_features`): the global delta is expressed in the current LIDAR_TOP frame using the
+    absolute ego yaw (can_bus[16]); x = right, y = forward. A static point seen at p now was at
+    p + shift in the previous frame (before its rotation, see `rotate_bev`)."""
+    dx, dy = can_delta[:, 0], can_delta[:, 1]
+    length = torch.sqrt(dx ** 2 + dy ** 2)
+    trans_ang = torch.atan2(dy, dx)                                     # heading of the motion (global)
+    bev_ang = can_delta[:, 16] - trans_ang                              # ego yaw - motion heading
+    x0, y0, _, x1, y1, _ = cfg.pc_range
+    shift_x = length * torch.sin(bev_ang) / (x1 - x0)
+    shift_y = length * torch.cos(bev_ang) / (y1 - y0)
+    return torch.stack([shift_x, shift_y], -1)                          # [B, 2]
+
+
+def rotate_bev(bev, angle_deg, center):
+    """Rotate BEV maps [B, C, H, W] by angle_deg [B] counter-clockwise (as displayed with row 0 on
+    top) about `center` = (x, y) in pixel-edge units (pixel j spans [j, j + 1]); nearest neighbour,
+    zero fill. This is torchvision's `rotate(x, angle, center=...)`, which the official code uses:
+    output(p) = input(c + R(angle) (p - c)) with p = (column, row) of the pixel centre."""
+    B, C, H, W = bev.shape
+    a = torch.deg2rad(angle_deg.to(bev.dtype))[:, None, None]          # [B, 1, 1]
+    ys, xs = torch.meshgrid(torch.arange(H, device=bev.device, dtype=bev.dtype) + 0.5,
+                            torch.arange(W, device=bev.device, dtype=bev.dtype) + 0.5, indexing='ij')
+    dx, dy = xs - center[0], ys - center[1]                              # [H, W]
+    sx = center[0] + torch.cos(a) * dx - torch.sin(a) * dy               # [B, H, W] source column
+    sy = center[1] + torch.sin(a) * dx + torch.cos(a) * dy               # [B, H, W] source row
+    grid = torch.stack([2 * sx / W - 1, 2 * sy / H - 1], -1)            # align_corners=False units
+    return F.grid_sample(bev, grid, mode='nearest', padding_mode='zeros', align_corners=False)
+
+
+def align_prev_bev(prev_bev, can_delta, cfg):
+    """Ego-motion alignment of the previous BEV (paper Sec. 3.4). prev_bev [B, Q, C] ->
+    (rotated [B, Q, C], shift [B, 2]). TSA then samples the rotated map around ref + shift.
+    The official code rotates about pixel (100, 100) for every BEV size (right only for 200x200;
+    issue #96): kept under `official_quirks`, otherwise about the BEV centre."""
+    B, Q, C = prev_bev.shape
+    shift = ego_shift(can_delta, cfg) * float(cfg.use_shift)
+    if not cfg.rotate_prev_bev:
+        return prev_bev, shift
+    center = (100.0, 100.0) if cfg.official_quirks else (cfg.bev_w / 2, cfg.bev_h / 2)
+    bev = prev_bev.transpose(1, 2).reshape(B, C, cfg.bev_h, cfg.bev_w)
+    bev = rotate_bev(bev, can_delta[:, 17], center)                     # yaw delta in degrees
+    return bev.flatten(2).transpose(1, 2), shift
+
+
+def msda(value, shapes, loc, attn):
+    """`ops.ms_deform_attn` with the level start indices computed here; counts multiply-adds while
+    `count_flops` runs (FlopCounterMode does not see the op's bilinear gathers).
+    value [B, S, M, D]; shapes [L, 2] (h, w); loc [B, Q, M, L, P, 2]; attn [B, Q, M, L, P]."""
+    start = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+    if _FLOP_COUNT is not None:   # 4 bilinear corners + 1 weighting per sampled channel
+        _FLOP_COUNT[0] += attn.numel() * value.shape[-1] * 5
+    return ms_deform_attn(value, shapes, start, loc, attn)
+
+
+_FLOP_COUNT = None
+
+
+def _init_offsets(linear, heads, groups, points):
+    """Deformable-DETR init: zero weights, biases pointing in `heads` directions, growing per point."""
+    nn.init.zeros_(linear.weight)
+    thetas = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
+    grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+    grid = grid / grid.abs().max(-1, keepdim=True)[0]
+    grid = grid.view(heads, 1, 1, 2).repeat(1, groups, points, 1)
+    grid = grid * torch.arange(1, points + 1, dtype=torch.float32).view(1, 1, points, 1)
+    with torch.no_grad():
+        linear.bias.copy_(grid.flatten())
+
+
+def _xavier(*linears):
+    for m in linears:
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Temporal self-attention (paper Sec. 3.4, Eq. 5; official temporal_self_attention.py)
+# ---------------------------------------------------------------------------------------------
+
+class TemporalSelfAttention(nn.Module):
+    """Deformable self-attention over the pair (aligned previous BEV, current BEV queries).
+
+    Offsets and weights are predicted from [previous BEV, query + pos] (2C channels); the two queue
+    slots are sampled separately (the pair is stacked along the batch) and averaged."""
+
+    def __init__(self, C, heads, points, dropout):
+        super().__init__()
+        self.heads, self.points = heads, points
+        self.sampling_offsets = nn.Linear(2 * C, heads * 2 * points * 2)
+        self.attention_weights = nn.Linear(2 * C, heads * 2 * points)
+        self.value_proj = nn.Linear(C, C)
+        self.output_proj = nn.Linear(C, C)
+        self.dropout = nn.Dropout(dropout)
+        _init_offsets(self.sampling_offsets, heads, 2, points)
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        _xavier(self.value_proj, self.output_proj)
+
+    def forward(self, x, pos, prev, cur, ref_prev, ref_cur, bev_hw, quirk_value_slice=False):
+        """x [B, Q, C] layer input; pos [B, Q, C]; prev/cur [B, Q, C] the two value slots;
+        ref_prev/ref_cur [B, Q, 2] normalised (x, y). Returns [B, Q, C]."""
+        B, Q, C = x.shape
+        M, P = self.heads, self.points
+        H, W = bev_hw
+        value = torch.stack([prev, cur], 1).flatten(0, 1)                 # [2B, Q, C], row b*2 + t
+        # official: cat([value[:B], query]); value[:B] is "every sample's previous BEV" only if B = 1
+        first = value[:B] if quirk_value_slice else prev
+        q = torch.cat([first, x + pos], -1)                               # [B, Q, 2C]
+        v = self.value_proj(value).view(2 * B, Q, M, C // M)              # [2B, Q, M, C/M]
+        off = self.sampling_offsets(q).view(B, Q, M, 2, 1, P, 2)
+        aw = self.attention_weights(q).view(B, Q, M, 2, P).softmax(-1).view(B, Q, M, 2, 1, P)
+        off = off.permute(0, 3, 1, 2, 4, 5, 6).reshape(2 * B, Q, M, 1, P, 2)
+        aw = aw.permute(0, 3, 1, 2, 4, 5).reshape(2 * B, Q, M, 1, P)
+        ref = torch.stack([ref_prev, ref_cur], 1).flatten(0, 1)          # [2B, Q, 2]
+        loc = ref[:, :, None, None, None, :] + off / off.new_tensor([W, H])
+        shapes = torch.tensor([[H, W]], device=x.device)
+        out = msda(v, shapes, loc, aw)                                    # [2B, Q, C]
+        out = out.view(B, 2, Q, C).mean(1)                                # average the queue slots
+        return self.dropout(self.output_proj(out)) + x
+
+
+# ---------------------------------------------------------------------------------------------
+# Spatial cross-attention (paper Sec. 3.3, Eq. 3-4; official spatial_cross_attention.py)
+# ---------------------------------------------------------------------------------------------
+
+class MSDeformableAttention3D(nn.Module):
+    """Deformable attention in one camera around the Z projected anchors of a pillar: the P points
+    are grouped as P/Z points around each anchor; point k uses anchor k mod Z. No output_proj."""
+
+    def __init__(self, C, heads, levels, points, num_z):
+        super().__init__()
+        self.heads, self.levels, self.points, self.num_z = heads, levels, points, num_z
+        self.sampling_offsets = nn.Linear(C, heads * levels * points * 2)
+        self.attention_weights = nn.Linear(C, heads * levels * points)
+        self.value_proj = nn.Linear(C, C)
+        _init_offsets(self.sampling_offsets, heads, levels, points)
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        _xavier(self.value_proj)
+
+    def forward(self, query, value, ref, shapes):
+        """query [B', Q', C]; value [B', S, C]; ref [B', Q', Z, 2] normalised image points;
+        shapes [L, 2]. Returns ([B', Q', C], loc [B', Q', M, L, P, 2], attn [B', Q', M, L, P])."""
+        Bp, Qp, C = query.shape
+        M, L, P, Z = self.heads, self.levels, self.points, self.num_z
+        v = self.value_proj(value).view(Bp, -1, M, C // M)
+        wh = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(query.dtype)           # [L, 2] (w, h)
+        off = self.sampling_offsets(query).view(Bp, Qp, M, L, P, 2) / wh[:, None, :]
+        aw = self.attention_weights(query).view(Bp, Qp, M, L * P).softmax(-1).view(Bp, Qp, M, L, P)
+        off = off.view(Bp, Qp, M, L, P // Z, Z, 2)
+        loc = (ref[:, :, None, None, None, :, :] + off).view(Bp, Qp, M, L, P, 2)
+        return msda(v, shapes, loc, aw), loc, aw
+
+
+class SpatialCrossAttention(nn.Module):
+    """Each BEV query attends to the cameras its pillar projects into, and the results are averaged
+    over the cameras hit (paper Eq. 4). As the official code, each camera processes only the BEV
+    cells that project into it ("compaction": gather, attend, scatter back)."""
+
+    def __init__(self, C, heads, levels, points, num_z, dropout):
+        super().__init__()
+        self.deformable_attention = MSDeformableAttention3D(C, heads, levels, points, num_z)
+        self.output_proj = nn.Linear(C, C)
+        self.dropout = nn.Dropout(dropout)
+        _xavier(self.output_proj)
+
+    def forward(self, x, feats, shapes, cams):
+        """x [B, Q, C]; feats [B, N, S, C]; cams: `compact_cameras` output. Returns [B, Q, C]."""
+        B, Q, C = x.shape
+        N, S = feats.shape[1], feats.shape[2]
+        idx, valid, ref, count = cams['idx'], cams['valid'], cams['ref'], cams['count']
+        R = idx.shape[-1]
+        q = x.gather(1, idx.view(B, N * R, 1).expand(-1, -1, C)).view(B * N, R, C)   # [B*N, R, C]
+        out, _, _ = self.deformable_attention(q, feats.reshape(B * N, S, C), ref, shapes)
+        out = out.view(B, N * R, C) * valid.view(B, N * R, 1)
+        slots = torch.zeros_like(x).scatter_add(1, idx.view(B, N * R, 1).expand(-1, -1, C), out)
+        slots = slots / count[..., None]                                  # mean over cameras hit
+        return self.dropout(self.output_proj(slots)) + x
+
+
+def compact_cameras(uv, mask, quirk_batch0=False):
+    """Per (sample, camera), the BEV queries whose pillar has at least one anchor in the image.
+
+    uv [N, B, Q, Z, 2], mask [N, B, Q, Z] from `project_points`. Returns a dict with
+    idx [B, N, R] query indices (hit ones first, R = the largest count), valid [B, N, R],
+    ref [B*N, R, Z, 2] their projected anchors, count [B, Q] cameras hit (>= 1).
+    The official code builds the index lists from sample 0 only (`quirk_batch0`)."""
+    N, B, Q, Z = mask.shape
+    hit = mask.any(-1)                                                    # [N, B, Q]
+    sel = hit[:, :1].expand(N, B, Q) if quirk_batch0 else hit
+    n_sel = sel.sum(-1)                                                   # [N, B]
+    R = max(int(n_sel.max()), 1)
+    order = torch.argsort((~sel).to(torch.uint8), dim=-1, stable=True)[..., :R]   # [N, B, R]
+    valid = torch.arange(R, device=uv.device) < n_sel[..., None]           # [N, B, R]
+    idx = order.transpose(0, 1).contiguous()                              # [B, N, R]
+    ref = uv.transpose(0, 1).gather(2, idx[..., None, None].expand(-1, -1, -1, Z, 2))  # [B, N, R, Z, 2]
+    count = hit.sum(0).clamp(min=1).to(uv.dtype)                          # [B, Q]
+    return {'idx': idx, 'valid': valid.transpose(0, 1).to(uv.dtype), 'ref': ref.flatten(0, 1),
+            'count': count}
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder (paper Sec. 3.2; official encoder.py): TSA -> LN -> SCA -> LN -> FFN -> LN, post-norm
+# ---------------------------------------------------------------------------------------------
+
+class FFN(nn.Module):
+    """x + Drop(fc2(Drop(ReLU(fc1(x)))))."""
+
+    def __init__(self, C, hidden, dropout):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, hidden), nn.Linear(hidden, C)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return x + self.dropout(self.fc2(self.dropout(F.relu(self.fc1(x)))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.embed_dims
+        self.tsa = TemporalSelfAttention(C, cfg.num_heads, cfg.tsa_points, cfg.dropout)
+        self.sca = SpatialCrossAttention(C, cfg.num_heads, cfg.fpn_levels, cfg.sca_points,
+                                         cfg.num_z, cfg.dropout)
+        self.ffn = FFN(C, cfg.ffn_dims, cfg.dropout)
+        self.norms = nn.ModuleList(nn.LayerNorm(C) for _ in range(3))
+
+    def forward(self, x, pos, prev, cur, ref_prev, ref_cur, bev_hw, feats, shapes, cams, quirks):
+        x = self.norms[0](self.tsa(x, pos, prev, cur, ref_prev, ref_cur, bev_hw, quirks))
+        x = self.norms[1](self.sca(x, feats, shapes, cams))
+        return self.norms[2](self.ffn(x))
+
+
+class BEVEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+
+    def forward(self, x, pos, prev, has_prev, ref_prev, ref_cur, bev_hw, feats, shapes, cams, quirks):
+        """x [B, Q, C] BEV queries (+ CAN bus); prev [B, Q, C] aligned previous BEV (ignored where
+        has_prev [B] is False). Returns the BEV features [B, Q, C] (no final norm)."""
+        x0 = x
+        hp = has_prev[:, None, None]
+        for layer in self.layers:
+            # without history the official TSA attends to (x, x): the pair is the layer's input
+            prev_slot = torch.where(hp, prev, x)
+            # quirk 4: with history the official "current" slot stays the encoder input x0
+            cur_slot = torch.where(hp, x0, x) if quirks else x
+            x = layer(x, pos, prev_slot, cur_slot, ref_prev, ref_cur, bev_hw, feats, shapes, cams, quirks)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder with iterative box refinement (official decoder.py, Deformable DETR Sec. 4.2)
+# ---------------------------------------------------------------------------------------------
+
+def inverse_sigmoid(x, eps=1e-5):
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class CustomMSDeformableAttention(nn.Module):
+    """Object queries attend to the BEV features around their reference point (1 level)."""
+
+    def __init__(self, C, heads, points, dropout):
+        super().__init__()
+        self.heads, self.points = heads, points
+        self.sampling_offsets = nn.Linear(C, heads * points * 2)
+        self.attention_weights = nn.Linear(C, heads * points)
+        self.value_proj = nn.Linear(C, C)
+        self.output_proj = nn.Linear(C, C)
+        self.dropout = nn.Dropout(dropout)
+        _init_offsets(self.sampling_offsets, heads, 1, points)
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        _xavier(self.value_proj, self.output_proj)
+
+    def forward(self, x, pos, bev, ref, bev_hw):
+        """x, pos [B, Q, C]; bev [B, H*W, C]; ref [B, Q, 2]. Returns (out [B, Q, C],
+        loc [B, Q, M, 1, P, 2], attn [B, Q, M, 1, P])."""
+        B, Q, C = x.shape
+        M, P = self.heads, self.points
+        H, W = bev_hw
+        q = x + pos
+        v = self.value_proj(bev).view(B, -1, M, C // M)
+        off = self.sampling_offsets(q).view(B, Q, M, 1, P, 2)
+        aw = self.attention_weights(q).view(B, Q, M, P).softmax(-1).view(B, Q, M, 1, P)
+        loc = ref[:, :, None, None, None, :] + off / off.new_tensor([W, H])
+        shapes = torch.tensor([[H, W]], device=x.device)
+        out = msda(v, shapes, loc, aw)
+        return self.dropout(self.output_proj(out)) + x, loc, aw
+
+
+class DecoderLayer(nn.Module):
+    """self-attn -> LN -> cross-attn over the BEV -> LN -> FFN -> LN (mmdet DetrTransformerDecoderLayer)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.embed_dims
+        self.self_attn = nn.MultiheadAttention(C, cfg.num_heads, dropout=cfg.dropout, batch_first=True)
+        self.self_attn_drop = nn.Dropout(cfg.dropout)
+        self.cross_attn = CustomMSDeformableAttention(C, cfg.num_heads, cfg.dec_points, cfg.dropout)
+        self.ffn = FFN(C, cfg.ffn_dims, cfg.dropout)
+        self.norms = nn.ModuleList(nn.LayerNorm(C) for _ in range(3))
+
+    def forward(self, x, pos, bev, ref, bev_hw):
+        q = x + pos
+        x = self.norms[0](x + self.self_attn_drop(self.self_attn(q, q, x, need_weights=False)[0]))
+        x, loc, aw = self.cross_attn(x, pos, bev, ref, bev_hw)
+        x = self.norms[1](x)
+        return self.norms[2](self.ffn(x)), loc, aw
+
+
+def cls_branch(C, num_classes):
+    """Linear -> LN -> ReLU -> Linear -> LN -> ReLU -> Linear (indices 0..6 as in the checkpoints)."""
+    m = nn.Sequential(nn.Linear(C, C), nn.LayerNorm(C), nn.ReLU(inplace=True),
+                      nn.Linear(C, C), nn.LayerNorm(C), nn.ReLU(inplace=True), nn.Linear(C, num_classes))
+    nn.init.constant_(m[-1].bias, -math.log((1 - 0.01) / 0.01))     # prior probability 0.01
+    return m
+
+
+def reg_branch(C):
+    """Linear -> ReLU -> Linear -> ReLU -> Linear(C, 10) (indices 0, 2, 4)."""
+    return nn.Sequential(nn.Linear(C, C), nn.ReLU(inplace=True), nn.Linear(C, C), nn.ReLU(inplace=True),
+                         nn.Linear(C, 10))
+
+
+# ---------------------------------------------------------------------------------------------
+# Box code (README "Conventions"): [x, y, z, w, l, h, yaw, vx, vy] <-> regression code
+# ---------------------------------------------------------------------------------------------
+
+def encode_boxes(boxes):
+    """[..., 9] boxes -> [..., 10] code (cx, cy, log w, log l, cz, log h, sin yaw, cos yaw, vx, vy);
+    metric centres (official `normalize_bbox`, which does not normalise the centres)."""
+    x, y, z, w, l, h, yaw, vx, vy = boxes.unbind(-1)
+    return torch.stack([x, y, w.log(), l.log(), z, h.log(), yaw.sin(), yaw.cos(), vx, vy], -1)
+
+
+def decode_boxes(code):
+    """[..., 10] code -> [..., 9] boxes [x, y, z, w, l, h, yaw, vx, vy] (centre z, nuScenes wlh)."""
+    cx, cy, lw, ll, cz, lh, s, c, vx, vy = code.unbind(-1)
+    return torch.stack([cx, cy, cz, lw.exp(), ll.exp(), lh.exp(), torch.atan2(s, c), vx, vy], -1)
+
+
+def official_yaw_to_ours(yaw_official):
+    """mmdet3d < 1.0 LiDAR yaw' -> nuScenes-native yaw: yaw = -yaw' - pi/2 (architecture.md 2.10)."""
+    return -yaw_official - math.pi / 2
+
+
+def convert_official_reg_rows(weight):
+    """Rows (sin yaw', cos yaw') of an official final regression layer -> our (sin yaw, cos yaw):
+    sin yaw = -cos yaw', cos yaw = -sin yaw'. Works for the weight [10, C] and the bias [10]."""
+    out = weight.clone()
+    out[6], out[7] = -weight[7], -weight[6]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hungarian matching and losses (official HungarianAssigner3D, bevformer_head.loss_single)
+# ---------------------------------------------------------------------------------------------
+
+def focal_cost(cls_logits, labels, alpha=0.25, gamma=2.0, eps=1e-12):
+    """FocalLossCost: cost [Q, K] of assigning each query to each GT label."""
+    p = cls_logits.sigmoid()
+    neg = -(1 - p + eps).log() * (1 - alpha) * p.pow(gamma)
+    pos = -(p + eps).log() * alpha * (1 - p).pow(gamma)
+    return pos[:, labels] - neg[:, labels]
+
+
+def match_cost(cls_logits, box_code, gt_boxes, gt_labels, cls_weight=2.0, reg_weight=0.25,
+               alpha=0.25, gamma=2.0):
+    """C = w_cls * focal cost + w_reg * L1(pred[:, :8], target[:, :8]) [Q, K] (no velocity, no IoU)."""
+    target = encode_boxes(gt_boxes.to(box_code.dtype))
+    cost = (cls_weight * focal_cost(cls_logits, gt_labels, alpha, gamma)
+            + reg_weight * torch.cdist(box_code[:, :8], target[:, :8], p=1))
+    return torch.nan_to_num(cost, nan=100.0, posinf=100.0, neginf=-100.0)
+
+
+@torch.no_grad()
+def hungarian_match(cls_logits, box_code, gt_boxes, gt_labels, **weights):
+    """One sample: cls_logits [Q, 10], box_code [Q, 10], gt_boxes [K, 9], gt_labels [K] ->
+    (pred_idx, gt_idx) LongTensors of the optimal assignment (scipy linear_sum_assignment)."""
+    if gt_boxes.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=cls_logits.device)
+        return empty, empty.clone()
+    cost = match_cost(cls_logits.float(), box_code.float(), gt_boxes, gt_labels, **weights)
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    dev = cls_logits.device
+    return torch.as_tensor(rows, dtype=torch.long, device=dev), torch.as_tensor(cols, dtype=torch.long, device=dev)
+
+
+@torch.no_grad()
+def hungarian_match_batch(cls_logits, box_code, gt_boxes, gt_labels, **weights):
+    """Batched variant (as DETR): one cost matrix [B*Q, sum K], split per sample, then solved.
+    cls_logits/box_code [B, Q, 10]; gt_boxes/gt_labels lists. Returns a list of (pred_idx, gt_idx)."""
+    B, Q, _ = cls_logits.shape
+    sizes = [int(g.shape[0]) for g in gt_boxes]
+    if sum(sizes) == 0:
+        return [hungarian_match(cls_logits[b], box_code[b], gt_boxes[b], gt_labels[b]) for b in range(B)]
+    cost = match_cost(cls_logits.flatten(0, 1).float(), box_code.flatten(0, 1).float(),
+                      torch.cat(list(gt_boxes)), torch.cat(list(gt_labels)), **weights)
+    cost = cost.view(B, Q, -1).cpu()
+    out = []
+    for b, c in enumerate(cost.split(sizes, -1)):
+        rows, cols = linear_sum_assignment(c[b].numpy())
+        dev = cls_logits.device
+        out.append((torch.as_tensor(rows, dtype=torch.long, device=dev),
+                    torch.as_tensor(cols, dtype=torch.long, device=dev)))
+    return out
+
+
+def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
+    """Element-wise sigmoid focal loss (Lin et al. 2017), not reduced."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction='none')
+    pt = (1 - p) * targets + p * (1 - targets)
+    return ce * (alpha * targets + (1 - alpha) * (1 - targets)) * pt.pow(gamma)
+
+
+def _num_pos_average(n, device):
+    """Positives per process averaged over processes (official reduce_mean), at least 1."""
+    n = torch.tensor(float(n), device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n)
+        n = n / torch.distributed.get_world_size()
+    return n.clamp(min=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The detector
+# ---------------------------------------------------------------------------------------------
+
+class BEVFormer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.embed_dims
+        # image backbone and neck (architecture.md 2.2)
+        dcn = (False, False, cfg.backbone_dcn, cfg.backbone_dcn)
+        self.backbone = ResNet(depth=cfg.backbone_depth, style=cfg.backbone_style,
+                               out_indices=cfg.backbone_out, frozen_stages=cfg.frozen_stages,
+                               dcn_stages=dcn, base_width=cfg.backbone_width, with_cp=cfg.with_cp)
+        self.neck = FPN(self.backbone.out_channels, C, num_outs=cfg.fpn_levels, add_extra_on_output=True)
+        self.grid_mask = GridMask(prob=cfg.grid_mask_prob)
+        # BEV queries, learned positional encoding, camera/level embeddings, CAN bus MLP (2.3, 2.5)
+        self.bev_embedding = nn.Embedding(cfg.bev_h * cfg.bev_w, C)
+        self.positional_encoding = nn.Module()
+        self.positional_encoding.row_embed = nn.Embedding(cfg.bev_h, C // 2)
+        self.positional_encoding.col_embed = nn.Embedding(cfg.bev_w, C // 2)
+        self.level_embeds = nn.Parameter(torch.randn(max(4, cfg.fpn_levels), C))   # 4 rows officially
+        self.cams_embeds = nn.Parameter(torch.randn(6, C))
+        self.can_bus_mlp = nn.Sequential(OrderedDict([
+            ('0', nn.Linear(18, C // 2)), ('1', nn.ReLU(inplace=True)),
+            ('2', nn.Linear(C // 2, C)), ('3', nn.ReLU(inplace=True)), ('norm', nn.LayerNorm(C))]))
+        self.encoder = BEVEncoder(cfg)
+        # object queries (position half, content half), reference points, decoder, heads (2.9, 2.10)
+        self.query_embedding = nn.Embedding(cfg.num_query, 2 * C)
+        self.reference_points = nn.Linear(C, 3)
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+        self.cls_branches = nn.ModuleList(cls_branch(C, cfg.num_classes) for _ in range(cfg.dec_layers))
+        self.reg_branches = nn.ModuleList(reg_branch(C) for _ in range(cfg.dec_layers))
+        nn.init.uniform_(self.positional_encoding.row_embed.weight)   # mmdet LearnedPositionalEncoding
+        nn.init.uniform_(self.positional_encoding.col_embed.weight)
+        _xavier(self.reference_points)
+
+    # ---- images -> multi-camera FPN features ------------------------------------------------
+    def extract_feats(self, img, img_shape):
+        """img [B, N, 3, Hp, Wp] RGB 0..255; img_shape [B, 2] -> list over L of [B, N, C, h, w]."""
+        B, N = img.shape[:2]
+        x = normalize_images(img.float(), img_shape, self.cfg.normalisation).flatten(0, 1)   # [B*N, 3, Hp, Wp]
+        if self.cfg.grid_mask:
+            x = self.grid_mask(x)                              # training mode only
+        feats = self.neck(self.backbone(x))
+        return [f.view(B, N, *f.shape[1:]) for f in feats]
+
+    def flatten_feats(self, fpn):
+        """list of [B, N, C, h, w] -> ([B, N, S, C] with camera and level embeddings, shapes [L, 2])."""
+        flat, shapes = [], []
+        for lvl, f in enumerate(fpn):
+            B, N, C, h, w = f.shape
+            f = f.flatten(3).transpose(2, 3)                                     # [B, N, h*w, C]
+            flat.append(f + self.cams_embeds[None, :N, None] + self.level_embeds[None, None, lvl])
+            shapes.append((h, w))
+        return torch.cat(flat, 2), torch.tensor(shapes, dtype=torch.long, device=fpn[0].device)
+
+    # ---- BEV encoder (spatial + temporal) ---------------------------------------------------
+    def encode_bev(self, fpn, lidar2img, pad_hw, can_delta, prev_bev, has_prev):
+        """fpn list of [B, N, C, h, w]; lidar2img [B, N, 4, 4]; pad_hw (Hp, Wp); can_delta [B, 18];
+        prev_bev [B, Q, C] or None; has_prev [B] bool -> BEV features [B, Q, C] (q = row * W + col)."""
+        cfg = self.cfg
+        B = lidar2img.shape[0]
+        H, W = cfg.bev_h, cfg.bev_w
+        x = self.bev_embedding.weight[None].expand(B, -1, -1)                    # [B, Q, C]
+        if cfg.use_can_bus:
+            x = x + self.can_bus_mlp(can_delta.to(x.dtype))[:, None]
+        pe = self.positional_encoding
+        pos = torch.cat([pe.col_embed.weight[None].expand(H, -1, -1),            # first half: column (x)
+                         pe.row_embed.weight[:, None].expand(-1, W, -1)], -1)    # [H, W, C]
+        pos = pos.view(1, H * W, -1).expand(B, -1, -1)
+        # temporal: align the previous BEV with the ego motion (Sec. 3.4)
+        ref_2d = bev_grid(cfg, x.device)[None].expand(B, -1, -1)                # [B, Q, 2]
+        if prev_bev is None:
+            prev_bev, has_prev = torch.zeros_like(x), torch.zeros(B, dtype=torch.bool, device=x.device)
+        prev, shift = align_prev_bev(prev_bev, can_delta, cfg)
+        shift = shift * has_prev[:, None].to(shift.dtype)
+        ref_prev = ref_2d + shift[:, None]
+        # quirk 1: the official `shift_ref_2d += shift` aliases ref_2d, shifting both halves
+        ref_cur = ref_prev if cfg.official_quirks else ref_2d
+        # spatial: project the pillars into the cameras (Sec. 3.3) and compact per camera
+        feats, shapes = self.flatten_feats(fpn)
+        uv, mask = project_points(pillar_points(cfg, x.device), lidar2img, pad_hw)
+        cams = compact_cameras(uv.to(x.dtype), mask, quirk_batch0=cfg.official_quirks)
+        return self.encoder(x, pos, prev, has_prev, ref_prev, ref_cur, (H, W), feats, shapes, cams,
+                            cfg.official_quirks)
+
+    # ---- decoder and heads -------------------------------------------------------------------
+    def decode_queries(self, bev):
+        """bev [B, Q_bev, C] -> list over decoder layers of dicts (see `forward`)."""
+        cfg = self.cfg
+        B, C = bev.shape[0], cfg.embed_dims
+        pos, x = self.query_embedding.weight.split(C, -1)                        # [Q, C] each
+        pos, x = pos[None].expand(B, -1, -1), x[None].expand(B, -1, -1)
+        ref = self.reference_points(pos).sigmoid()                               # [B, Q, 3] normalised
+        x0, y0, z0, x1, y1, z1 = cfg.pc_range
+        outs = []
+        for lid, layer in enumerate(self.decoder.layers):
+            x, loc, aw = layer(x, pos, bev, ref[..., :2], (cfg.bev_h, cfg.bev_w))
+            t = self.reg_branches[lid](x)                                        # [B, Q, 10]
+            r = inverse_sigmoid(ref)
+            cxy = (t[..., 0:2] + r[..., 0:2]).sigmoid()
+            cz = (t[..., 4:5] + r[..., 2:3]).sigmoid()
+            box = torch.cat([cxy[..., 0:1] * (x1 - x0) + x0, cxy[..., 1:2] * (y1 - y0) + y0,
+                             t[..., 2:4], cz * (z1 - z0) + z0, t[..., 5:10]], -1)   # metric centres
+            outs.append({'query': x, 'ref': ref, 'cls': self.cls_branches[lid](x), 'box': box,
+                         'loc': loc, 'attn': aw, 'value_proj': layer.cross_attn.value_proj})
+            ref = torch.cat([cxy, cz], -1).detach()                              # iterative refinement
+        return outs
+
+    # ---- one frame, the temporal queue, the forward ------------------------------------------
+    def frame_bev(self, img, img_shape, lidar2img, can_delta, prev_bev, has_prev):
+        fpn = self.extract_feats(img, img_shape)
+        return self.encode_bev(fpn, lidar2img.float(), img.shape[-2:], can_delta, prev_bev, has_prev), fpn
+
+    @torch.no_grad()
+    def history_bev(self, batch):
+        """BEV of the history frames (paper Sec. 3.4, official `obtain_history_bev`): no gradients,
+        eval mode (no GridMask, no dropout), oldest first; a sample's chain starts at its first valid
+        frame. Returns (prev_bev [B, Q, C] or None, prev_can [B, 18] absolute, has_prev [B])."""
+        img = batch['img']
+        B, dev = img.shape[0], img.device
+        prev_can = torch.zeros(B, 18, device=dev)
+        has_prev = torch.zeros(B, dtype=torch.bool, device=dev)
+        hist = _history_frames(batch)
+        if self.cfg.queue_length <= 1 or hist is None:
+            return None, prev_can, has_prev
+        frames, valid = hist
+        frames, valid = frames[-(self.cfg.queue_length - 1):], valid[:, -(self.cfg.queue_length - 1):]
+        if not bool(valid.any()):
+            return None, prev_can, has_prev
+        was_training = self.training
+        self.eval()
+        try:
+            prev = None
+            for t, fr in enumerate(frames):
+                v = valid[:, t].to(dev)
+                if not bool(v.any()):
+                    continue
+                can = _can_bus(fr, B, dev)
+                delta = can_bus_delta(can, prev_can, has_prev, wrap_angle=not self.cfg.official_quirks)
+                bev, _ = self.frame_bev(fr['img'].to(dev), _img_shape(fr, B, dev), fr['lidar2img'].to(dev),
+                                        delta, prev, has_prev)
+                prev = bev if prev is None else torch.where(v[:, None, None], bev, prev)
+                prev_can = torch.where(v[:, None], can, prev_can)
+                has_prev = has_prev | v
+        finally:
+            self.train(was_training)
+        return prev, prev_can, has_prev
+
+    def forward(self, batch):
+        """A collated batch (data.collate) -> dict:
+          bev   [B, C, H_bev, W_bev]   BEV features of the current frame (row = y, column = x)
+          fpn   list over L of [B, N, C, h, w]   FPN features of the current frame
+          dec   list over decoder layers of dicts:
+                query [B, Q, C] the layer's output queries; ref [B, Q, 3] the layer's INPUT reference
+                point (normalised to pc_range); cls [B, Q, 10] logits; box [B, Q, 10] regression code
+                (cx, cy, log w, log l, cz, log h, sin yaw, cos yaw, vx, vy; metres, our yaw);
+                loc [B, Q, M, 1, P, 2] the BEV cross-attention's sampling locations (normalised x, y);
+                attn [B, Q, M, 1, P] its attention weights (softmaxed); value_proj its nn.Linear.
+        History frames (batch['history'], batch['history_valid']) run first without gradients."""
+        img = batch['img']
+        B, dev = img.shape[0], img.device
+        prev_bev, prev_can, has_prev = self.history_bev(batch)
+        can = _can_bus(batch, B, dev)
+        delta = can_bus_delta(can, prev_can, has_prev, wrap_angle=not self.cfg.official_quirks)
+        bev, fpn = self.frame_bev(img, _img_shape(batch, B, dev), batch['lidar2img'], delta, prev_bev, has_prev)
+        out = self._outputs(bev, fpn)
+        return out
+
+    def _outputs(self, bev, fpn):
+        cfg = self.cfg
+        B, Q, C = bev.shape
+        return {'bev': bev.transpose(1, 2).reshape(B, C, cfg.bev_h, cfg.bev_w), 'bev_seq': bev,
+                'fpn': fpn, 'dec': self.decode_queries(bev)}
+
+    # ---- loss --------------------------------------------------------------------------------
+    def loss(self, out, batch):
+        """Focal classification + weighted L1 regression on every decoder layer, each with its own
+        Hungarian matching (architecture.md 2.11). Returns {loss_cls_i, loss_bbox_i} scalars."""
+        cfg = self.cfg
+        gt_boxes = [g.to(out['bev'].device).float() for g in batch['gt_boxes']]
+        gt_labels = [g.to(out['bev'].device).long() for g in batch['gt_labels']]
+        avg = _num_pos_average(sum(int(g.shape[0]) for g in gt_boxes), out['bev'].device)
+        targets = [encode_boxes(g) for g in gt_boxes]
+        code_w = out['bev'].new_tensor(cfg.code_weights)
+        weights = dict(cls_weight=cfg.cls_weight, reg_weight=cfg.bbox_weight,
+                       alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+        losses = {}
+        for lid, d in enumerate(out['dec']):
+            cls, box = d['cls'], d['box']
+            B, Q, K = cls.shape
+            labels = torch.full((B, Q), cfg.num_classes, dtype=torch.long, device=cls.device)
+            box_t = torch.zeros_like(box)
+            pos = torch.zeros(B, Q, dtype=torch.bool, device=cls.device)
+            for b, (pi, gi) in enumerate(hungarian_match_batch(cls.detach(), box.detach(), gt_boxes,
+                                                               gt_labels, **weights)):
+                labels[b, pi] = gt_labels[b][gi]
+                box_t[b, pi] = targets[b][gi]
+                pos[b, pi] = True
+            onehot = F.one_hot(labels, cfg.num_classes + 1)[..., :cfg.num_classes].to(cls.dtype)
+            l_cls = sigmoid_focal_loss(cls, onehot, cfg.focal_alpha, cfg.focal_gamma).sum() / avg
+            keep = pos & torch.isfinite(box_t).all(-1)                          # drop NaN targets
+            l_box = ((box - box_t).abs() * code_w)[keep].sum() / avg
+            losses[f'loss_cls_{lid}'] = torch.nan_to_num(cfg.cls_weight * l_cls)
+            losses[f'loss_bbox_{lid}'] = torch.nan_to_num(cfg.bbox_weight * l_box)
+        return losses
+
+    # ---- NMS-free decoding -------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, out, max_num=None):
+        """Last decoder layer -> per sample {'boxes' [K, 9], 'scores' [K], 'labels' [K]}: top-k over
+        all (query, class) scores, boxes whose centre lies in post_center_range (no threshold)."""
+        cfg = self.cfg
+        cls, box = out['dec'][-1]['cls'], out['dec'][-1]['box']
+        lo = box.new_tensor(cfg.post_center_range[:3])
+        hi = box.new_tensor(cfg.post_center_range[3:])
+        res = []
+        for b in range(cls.shape[0]):
+            scores = cls[b].sigmoid().flatten()
+            k = min(max_num or cfg.max_num, scores.numel())
+            scores, idx = scores.topk(k)
+            labels, q = idx % cfg.num_classes, idx // cfg.num_classes
+            boxes = decode_boxes(box[b, q])
+            keep = ((boxes[:, :3] >= lo) & (boxes[:, :3] <= hi)).all(-1)
+            res.append({'boxes': boxes[keep], 'scores': scores[keep], 'labels': labels[keep]})
+        return res
+
+    # ---- test time: one sample with a temporal cache -----------------------------------------
+    @torch.no_grad()
+    def predict(self, img, lidar2img, can_bus=None, state=None, img_shape=None, scene_token=None):
+        """One sample from raw images: img [N, 3, H, W] RGB 0..255, lidar2img [N, 4, 4] for that
+        image, can_bus [18] absolute (or None). Without img_shape the images are resized to the
+        preset's image_size (lidar2img scaled by diag(sx, sy, 1, 1)) and zero-padded; with
+        img_shape (H, W) they are taken as prepared (content size, already padded).
+        `state` is what the previous call returned for the previous frame; a different
+        scene_token resets it (official video_test_mode). Returns {'boxes', 'scores', 'labels',
+        'state'}."""
+        cfg = self.cfg
+        dev = self.bev_embedding.weight.device
+        img, lidar2img = img.to(dev).float(), lidar2img.to(dev).float()
+        if img_shape is None:
+            img, lidar2img, img_shape = prepare_images(img, lidar2img, cfg)
+        img_shape = torch.as_tensor(img_shape, device=dev).view(1, 2)
+        can = (torch.zeros(18, device=dev) if can_bus is None else torch.as_tensor(can_bus, device=dev).float())[None]
+        if state is not None and scene_token is not None and state.get('scene_token') != scene_token:
+            state = None                                                     # scene change: reset
+        has_prev = torch.tensor([state is not None and state.get('bev') is not None], device=dev)
+        prev_bev = state['bev'].to(dev) if bool(has_prev) else None
+        prev_can = state['can_bus'].to(dev)[None] if bool(has_prev) else torch.zeros_like(can)
+        was_training = self.training
+        self.eval()
+        try:
+            delta = can_bus_delta(can, prev_can, has_prev, wrap_angle=not cfg.official_quirks)
+            bev, fpn = self.frame_bev(img[None], img_shape, lidar2img[None], delta, prev_bev, has_prev)
+            dets = self.decode(self._outputs(bev, fpn))[0]
+        finally:
+            self.train(was_training)
+        dets['state'] = {'bev': bev, 'can_bus': can[0], 'scene_token': scene_token}
+        return dets
+
+
+def prepare_images(img, lidar2img, cfg):
+    """img [N, 3, H, W] -> resized to cfg.image_size (antialiased bilinear) and zero-padded to a
+    multiple of cfg.pad_to; lidar2img left-multiplied by diag(sx, sy, 1, 1). Returns
+    (img [N, 3, Hp, Wp], lidar2img [N, 4, 4], (H, W) content)."""
+    W, H = cfg.image_size
+    h0, w0 = img.shape[-2:]
+    if (w0, h0) != (W, H):
+        img = F.interpolate(img, size=(H, W), mode='bilinear', align_corners=False, antialias=True)
+        scale = torch.diag(lidar2img.new_tensor([W / w0, H / h0, 1.0, 1.0]))
+        lidar2img = scale @ lidar2img
+    Wp, Hp = cfg.padded_size
+    img = F.pad(img, (0, Wp - W, 0, Hp - H))
+    return img, lidar2img, (H, W)
+
+
+def _img_shape(d, B, dev):
+    """img_shape of a batch or history frame as a [B, 2] (H, W) tensor (tensor, tuples or lists)."""
+    s = d.get('img_shape')
+    if s is None:
+        Hp, Wp = d['img'].shape[-2:]
+        return torch.tensor([[Hp, Wp]] * B, device=dev)
+    s = torch.as_tensor(s if torch.is_tensor(s) else np.asarray(s), device=dev)
+    return s.reshape(-1, 2)[:, :2].expand(B, 2) if s.numel() == 2 else s.reshape(B, 2)
+
+
+def _can_bus(d, B, dev):
+    c = d.get('can_bus')
+    return torch.zeros(B, 18, device=dev) if c is None else torch.as_tensor(c, device=dev).float().view(B, 18)
+
+
+def _history_frames(batch):
+    """batch['history'] as a list of per-frame dicts with a leading B (oldest first) and
+    history_valid [B, T-1]; accepts a dict of [B, T-1, ...] tensors or a list of frame dicts."""
+    hist = batch.get('history')
+    if not hist:
+        return None
+    if isinstance(hist, dict):
+        T1 = hist['img'].shape[1]
+        frames = [{k: (v[:, t] if torch.is_tensor(v) and v.dim() >= 2 else v) for k, v in hist.items()}
+                  for t in range(T1)]
+    else:
+        frames = list(hist)
+    if not frames:
+        return None
+    B = batch['img'].shape[0]
+    valid = batch.get('history_valid')
+    valid = torch.ones(B, len(frames), dtype=torch.bool) if valid is None else torch.as_tensor(valid).bool()
+    return frames, valid.view(B, len(frames))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets (architecture.md section 1; fd3d.md for the paper's apprentices and expert)
+# ---------------------------------------------------------------------------------------------
+
+_OFFICIAL = dict(embed_dims=256, ffn_dims=512, num_heads=8, enc_layers=3, dec_layers=6, num_query=900,
+                 grid_mask=True, official_quirks=True)
+
+PRESETS = {
+    # official configs (bevformer_{tiny,small,base}.py)
+    'tiny': BEVFormerConfig(name='tiny', image_size=(800, 450), normalisation='rgb', queue_length=3,
+                            backbone_depth=50, backbone_style='pytorch', backbone_out=(3,), fpn_levels=1,
+                            bev_h=50, bev_w=50, **_OFFICIAL),
+    'small': BEVFormerConfig(name='small', image_size=(1280, 720), normalisation='caffe', queue_length=3,
+                             backbone_depth=101, backbone_style='caffe', backbone_dcn=True, with_cp=True,
+                             backbone_out=(3,), fpn_levels=1, bev_h=150, bev_w=150, **_OFFICIAL),
+    'base': BEVFormerConfig(name='base', image_size=(1600, 900), normalisation='caffe', queue_length=4,
+                            backbone_depth=101, backbone_style='caffe', backbone_dcn=True,
+                            backbone_out=(1, 2, 3), fpn_levels=4, bev_h=200, bev_w=200,
+                            **{**_OFFICIAL, 'enc_layers': 6}),
+    # the paper's apprentices (FD3D Sec. 4.1): 450x800, 100x100 BEV, 4-level FPN on C2-C5, 3 encoder
+    # layers. Inferred: style/normalisation/queue from the official Tiny (R50) and Small (R101-DCN);
+    # no official checkpoints exist, so they run the corrected code (official_quirks=False).
+    'fd3d-tiny': BEVFormerConfig(name='fd3d-tiny', image_size=(800, 450), normalisation='rgb', queue_length=3,
+                                 backbone_depth=50, backbone_style='pytorch', backbone_out=(0, 1, 2, 3),
+                                 fpn_levels=4, bev_h=100, bev_w=100, **{**_OFFICIAL, 'official_quirks': False}),
+    'fd3d-small': BEVFormerConfig(name='fd3d-small', image_size=(800, 450), normalisation='caffe',
+                                  queue_length=3, backbone_depth=101, backbone_style='caffe', backbone_dcn=True,
+                                  backbone_out=(0, 1, 2, 3), fpn_levels=4, bev_h=100, bev_w=100,
+                                  **{**_OFFICIAL, 'official_quirks': False}),
+    # the paper's Base* expert: R101 without DCN, otherwise Base (FPN as Base: inferred)
+    'base-r101': BEVFormerConfig(name='base-r101', image_size=(1600, 900), normalisation='caffe', queue_length=4,
+                                 backbone_depth=101, backbone_style='caffe', backbone_dcn=False,
+                                 backbone_out=(1, 2, 3), fpn_levels=4, bev_h=200, bev_w=200,
+                                 **{**_OFFICIAL, 'enc_layers': 6, 'official_quirks': False}),
+    # CPU-sized apprentice/expert pair for the synthetic world (400x225 images). The expert keeps
+    # the paper's relation: bigger backbone, twice the input and BEV resolution, more encoder
+    # layers, same width; its FPN levels (strides 16, 32 at full size) match the apprentice's
+    # (strides 8, 16 at half size). GridMask off: a 20-minute CPU run cannot afford it.
+    'cpu-tiny': BEVFormerConfig(name='cpu-tiny', image_size=(200, 113), normalisation='rgb', queue_length=3,
+                                backbone_depth=18, backbone_style='pytorch', backbone_width=32,
+                                backbone_out=(1, 2), fpn_levels=2, embed_dims=128, ffn_dims=256,
+                                num_heads=8, bev_h=50, bev_w=50, enc_layers=2, dec_layers=3,
+                                num_query=300, grid_mask=False),
+    'cpu-base': BEVFormerConfig(name='cpu-base', image_size=(400, 225), normalisation='rgb', queue_length=3,
+                                backbone_depth=34, backbone_style='pytorch', backbone_width=32,
+                                backbone_out=(2, 3), fpn_levels=2, embed_dims=128, ffn_dims=256,
+                                num_heads=8, bev_h=100, bev_w=100, enc_layers=4, dec_layers=3,
+                                num_query=300, grid_mask=False),
+}
+
+# GFLOPs of the paper's Table (FD3D, CVPR 2023), for `bench` (the comparison is indicative)
+PAPER_GFLOPS = {'fd3d-tiny': 381.95, 'fd3d-small': 416.46, 'base': 1323.41, 'base-r101': 1845.36}
+
+
+def get_config(name, **overrides):
+    """A copy of preset `name` with field overrides (unknown names are InputErrors)."""
+    if name not in PRESETS:
+        raise InputError(f'--model {name}: unknown preset (expected one of {", ".join(PRESETS)})')
+    known = {f.name for f in fields(BEVFormerConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise InputError(f'--set {bad[0]}: not a BEVFormerConfig field')
+    return replace(PRESETS[name], **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# A synthetic batch (smoke tests, benchmarks, `evaluate.py --speed` without data)
+# ---------------------------------------------------------------------------------------------
+
+# nuScenes-like rig in the LIDAR_TOP frame (x right, y forward): heading of each camera's optical
+# axis in degrees from +x, and its focal length for a 1600-pixel-wide image (front 70 deg, back 110 deg)
+TOY_RIG = (('CAM_FRONT', 90.0, 1266.0), ('CAM_FRONT_RIGHT', 35.0, 1260.0), ('CAM_FRONT_LEFT', 145.0, 1260.0),
+           ('CAM_BACK', 270.0, 800.0), ('CAM_BACK_LEFT', 200.0, 1260.0), ('CAM_BACK_RIGHT', 340.0, 1260.0))
+
+
+def toy_lidar2img(image_size, num_cams=6):
+    """lidar2img [N, 4, 4] of a nuScenes-like 6-camera rig at image_size (W, H), cameras 1.5 m up."""
+    W, H = image_size
+    s = W / 1600.0
+    mats = []
+    for _, heading, f in TOY_RIG[:num_cams]:
+        a = math.radians(heading)
+        z_c = np.array([math.cos(a), math.sin(a), 0.0])        # optical axis
+        x_c = np.array([math.sin(a), -math.cos(a), 0.0])       # image right
+        y_c = np.array([0.0, 0.0, -1.0])                       # image down
+        lidar_T_cam = np.eye(4)
+        lidar_T_cam[:3, :3] = np.stack([x_c, y_c, z_c], 1)
+        lidar_T_cam[:3, 3] = [0.0, 0.0, 0.0 + 0.0] + 0.5 * z_c + np.array([0, 0, -0.3])
+        K = np.eye(4)
+        K[:3, :3] = [[f * s, 0, 800 * s], [0, f * s, 450 * s], [0, 0, 1]]
+        mats.append(K @ np.linalg.inv(lidar_T_cam))
+    return torch.tensor(np.stack(mats), dtype=torch.float32)
+
+
+def example_batch(cfg, batch_size=1, history=True, num_gt=20, seed=0):
+    """A collated batch in data.collate's layout with random images, the toy rig, an ego driving
+    forward at 10 m/s, random GT boxes and (with history) queue_length - 1 history frames."""
+    g = torch.Generator().manual_seed(seed)
+    W, H = cfg.image_size
+    Wp, Hp = cfg.padded_size
+    N, B, T1 = cfg.num_cams, batch_size, (cfg.queue_length - 1 if history else 0)
+
+    def images():
+        img = torch.zeros(B, N, 3, Hp, Wp)
+        img[..., :H, :W] = torch.rand(B, N, 3, H, W, generator=g) * 255
+        return img
+
+    def can_bus(t):   # absolute pose at frame t (t = 0 the current frame, negative = the past)
+        c = torch.zeros(B, 18)
+        yaw = 0.3 + 0.02 * t + 0.1 * torch.arange(B)
+        c[:, 0] = 100 + 5.0 * t * torch.cos(yaw)
+        c[:, 1] = 200 + 5.0 * t * torch.sin(yaw)
+        c[:, 16] = yaw
+        c[:, 17] = torch.rad2deg(yaw)
+        return c
+
+    l2i = toy_lidar2img(cfg.image_size, N)[None].expand(B, -1, -1, -1).clone()
+    shape = torch.tensor([[H, W]] * B)
+    boxes, labels = [], []
+    for _ in range(B):
+        xy = (torch.rand(num_gt, 2, generator=g) - 0.5) * 80
+        z = torch.rand(num_gt, 1, generator=g) * 2 - 1
+        wlh = 0.5 + torch.rand(num_gt, 3, generator=g) * 4
+        yaw = (torch.rand(num_gt, 1, generator=g) - 0.5) * 2 * math.pi
+        vel = torch.randn(num_gt, 2, generator=g)
+        boxes.append(torch.cat([xy, z, wlh, yaw, vel], 1))
+        labels.append(torch.randint(0, cfg.num_classes, (num_gt,), generator=g))
+    batch = {'img': images(), 'img_shape': shape, 'lidar2img': l2i, 'can_bus': can_bus(0),
+             'gt_boxes': boxes, 'gt_labels': labels,
+             'sample_token': [f's{b}' for b in range(B)], 'scene_token': [f'scene{b}' for b in range(B)],
+             'timestamp': torch.zeros(B)}
+    if T1:
+        batch['history'] = {'img': torch.stack([images() for _ in range(T1)], 1),
+                            'img_shape': shape[:, None].expand(-1, T1, -1).clone(),
+                            'lidar2img': l2i[:, None].expand(-1, T1, -1, -1, -1).clone(),
+                            'can_bus': torch.stack([can_bus(t - T1) for t in range(T1)], 1)}
+        batch['history_valid'] = torch.ones(B, T1, dtype=torch.bool)
+    return batch
