@@ -2,6 +2,7 @@
 
     python data.py synth --out data/synthetic        # writes the synthetic world (synthetic.py)
     python data.py bench --dataroot data/synthetic   # loading throughput, 0 and 2 workers
+    python data.py picture --dataroot data/synthetic # one sample's six cameras as a PNG
 
 `NuScenesDataset` reads any nuScenes-format root (v1.0-mini, v1.0-trainval, v1.0-test, the synthetic
 world) directly with the devkit: no info pkl, no converter. Tables, `get_sample_data`, `Box`,
@@ -464,6 +465,26 @@ def bench(args):
         del it, loader
 
 
+def picture(dataroot, version, split, index, out):
+    """One sample's six camera images as a 3x2 mosaic (front row: FRONT_LEFT, FRONT, FRONT_RIGHT; back row:
+    BACK_LEFT, BACK, BACK_RIGHT), each camera named, written to `out` (PNG)."""
+    from PIL import ImageDraw
+    ds = NuScenesDataset(dataroot, version, split)
+    sample = ds.nusc.get('sample', ds.sample_tokens[index])
+    order = ('CAM_FRONT_LEFT', 'CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_BACK_LEFT', 'CAM_BACK', 'CAM_BACK_RIGHT')
+    tiles = []
+    for cam in order:
+        sd = ds.nusc.get('sample_data', sample['data'][cam])
+        im = Image.open(os.path.join(dataroot, sd['filename'])).convert('RGB')
+        ImageDraw.Draw(im).text((4, 2), cam, fill=(255, 255, 255))
+        tiles.append(np.asarray(im))
+    mosaic = np.concatenate([np.concatenate(tiles[:3], 1), np.concatenate(tiles[3:], 1)], 0)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    Image.fromarray(mosaic).save(out)
+    print('wrote %s: sample %s (%s, index %d of %s/%s)' % (out, sample['token'], ds.nusc.get(
+        'scene', sample['scene_token'])['name'], index, version, split))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -486,6 +507,12 @@ def main(argv=None):
     b.add_argument('--queue-length', type=int, default=3, help='frames per sample (default 3, cpu-tiny)')
     b.add_argument('--samples', type=int, default=40, help='samples timed per setting')
     b.add_argument('--warmup', type=int, default=3, help='samples loaded before timing')
+    c = sub.add_parser('picture', help="one sample's six cameras as a PNG mosaic")
+    c.add_argument('--dataroot', default='data/synthetic', help='nuScenes-format root')
+    c.add_argument('--version', default='v1.0-mini', help='dataset version folder')
+    c.add_argument('--split', default='val', help='train or val')
+    c.add_argument('--index', type=int, default=0, help='sample index in the split (time order)')
+    c.add_argument('--out', default='docs/synthetic_cameras.png', help='output PNG')
     args = p.parse_args(argv)
     try:
         if args.cmd == 'synth':
@@ -494,6 +521,8 @@ def main(argv=None):
             print('wrote %s: %d scenes, %d samples, %d annotations, images %dx%d, %.1f MB in %.1f s'
                   % (args.out, stats['scenes'], stats['samples'], stats['annotations'], *stats['image_size'],
                      stats['bytes'] / 1e6, stats['seconds']))
+        elif args.cmd == 'picture':
+            picture(args.dataroot, args.version, args.split, args.index, args.out)
         else:
             bench(args)
     except InputError as e:

@@ -284,7 +284,21 @@ class Camera:
         u, v = np.meshgrid(np.arange(self.W, dtype=np.float32), np.arange(self.H, dtype=np.float32))
         pix = np.stack([u.ravel(), v.ravel(), np.ones(u.size, np.float32)], 1)
         self.rays = (pix @ np.linalg.inv(self.K).T.astype(np.float32)).astype(np.float32)   # [H*W, 3]
-        self.ray_norm = np.linalg.norm(self.rays, axis=1)   # rotations keep it
+        # Ground (z = 0) and sky along every ray, in the ego frame: the same for every frame.
+        D = self.rays @ self.ego_R_cam.T.astype(np.float32)
+        o = self.ego_t_cam
+        ground = D[:, 2] < -1e-4
+        t = np.where(ground, -o[2] / np.where(ground, D[:, 2], -1.0), np.inf).astype(np.float32)
+        xy = o[:2] + t[:, None] * D[:, :2]
+        dist = np.hypot(xy[:, 0] - o[0], xy[:, 1] - o[1])
+        ground &= dist < 600
+        t[~ground] = np.inf
+        self.depth, self.ground_idx = t, np.nonzero(ground)[0]
+        self.ground_xy = xy[ground].astype(np.float32)
+        self.haze = (1.0 - np.exp(-dist[ground] / 160.0)).astype(np.float32)[:, None]
+        elev = np.clip(D[:, 2] / np.linalg.norm(D, axis=1), 0, 1)
+        a = (np.clip(elev / 0.45, 0, 1) ** 0.7)[:, None]
+        self.sky = ((1 - a) * np.array([196, 206, 220]) + a * np.array([85, 130, 200])).astype(np.float32)
 
 
 class Renderer:
@@ -295,51 +309,52 @@ class Renderer:
         tex = 0.6 * gaussian_filter(tex, 4, mode='wrap') * 4 + 0.4 * gaussian_filter(tex, 1, mode='wrap')
         self.tex = (tex / tex.std()).astype(np.float32)      # tileable, 0.25 m per texel (64 m period)
         self.dash_phase = rng.uniform(0, 9)
+        self.lut, self.lut_amp = self._colour_lut()
         self.noise = rng.standard_normal((H + 64, W + 64, 3), np.float32) * 4.0
 
-    def background(self, o, D, norm):
-        """Colour [P, 3] and ray depth [P] (inf for sky) of the ground and sky along rays o + t D."""
-        dz = D[:, 2]
-        ground = dz < -1e-4
-        t = np.where(ground, -o[2] / np.where(ground, dz, -1.0), np.inf).astype(np.float32)
-        gx, gy = o[0] + t * D[:, 0], o[1] + t * D[:, 1]
-        dist = np.sqrt((gx - o[0]) ** 2 + (gy - o[1]) ** 2)
-        ground &= dist < 600
-        t[~ground] = np.inf
-        g = np.nonzero(ground)[0]
-        gx, gy, dist = gx[g], gy[g], dist[g]
+    def background(self, cam, ego_R, ego_t):
+        """Colour [P, 3] and ray depth [P] (inf for sky) of the ground and sky. The world is flat and the
+        ego pose is a yaw and a planar position, so each camera's ground hits are fixed in the ego frame
+        (Camera.ground): per frame only the move to global and the road texture are computed."""
+        g, gxy = cam.ground_idx, cam.ground_xy                 # ground pixels, their ego-frame (x, y)
+        gx = ego_R[0, 0] * gxy[:, 0] + ego_R[0, 1] * gxy[:, 1] + np.float32(ego_t[0])
+        gy = ego_R[1, 0] * gxy[:, 0] + ego_R[1, 1] * gxy[:, 1] + np.float32(ego_t[1])
         s, d = self.road.coords(gx, gy)
         ad = np.abs(d)
-        tex = self.tex.ravel()[((gy * 4).astype(np.int32) & 255) * 256 + ((gx * 4).astype(np.int32) & 255)]
-        col = np.empty((g.size, 3), np.float32)
+        col = self.lut[np.minimum((ad * 50).astype(np.int32), len(self.lut) - 1)]        # region and lines
+        amp = self.lut_amp[np.minimum((ad * 50).astype(np.int32), len(self.lut) - 1)]
+        col += (amp * self.tex.ravel()[((gy * 4).astype(np.int32) & 255) * 256 + ((gx * 4).astype(np.int32) & 255)]
+                )[:, None]
+        dash = (np.abs(ad - 3.3) < 0.08) & (((s + self.dash_phase) % 9.0) < 3.0)       # dashed lane lines
+        col[dash] = (215, 215, 210)
+        col += cam.haze * (np.array([188, 196, 206], np.float32) - col)
+        out = cam.sky.copy()
+        out[g] = col
+        return out, cam.depth.copy()
+
+    def _colour_lut(self):
+        """Ground colour and texture amplitude as a function of |d| (0.02 m steps up to 25 m)."""
+        ad = np.arange(1250, dtype=np.float32) / 50 + 0.01
+        col = np.empty((ad.size, 3), np.float32)
         col[:] = (72, 96, 52)                                # terrain
         col[ad < SIDEWALK_EDGE] = (168, 162, 150)           # sidewalk
         col[ad < CURB] = (96, 96, 100)                       # parking lane
         col[ad < PARK_EDGE] = (92, 82, 84)                   # bike lane
         col[ad < ROAD_EDGE] = (84, 84, 88)                   # asphalt
-        amp = np.where(ad < CURB, 9.0, np.where(ad < SIDEWALK_EDGE, 12.0, 22.0)).astype(np.float32)
-        col += (amp * tex)[:, None]
-        dash = ((s + self.dash_phase) % 9.0) < 3.0
-        white = ((np.abs(ad - 3.3) < 0.08) & dash) | (np.abs(ad - ROAD_EDGE) < 0.08) | \
-                (np.abs(ad - PARK_EDGE) < 0.06) | (np.abs(ad - CURB) < 0.12)
-        col[white] = (215, 215, 210)
+        col[(np.abs(ad - ROAD_EDGE) < 0.08) | (np.abs(ad - PARK_EDGE) < 0.06) | (np.abs(ad - CURB) < 0.12)] = \
+            (215, 215, 210)                                  # solid lines, curb
         col[np.abs(ad - 0.12) < 0.06] = (215, 175, 40)       # double yellow centre line
-        haze = 1.0 - np.exp(-dist / 160.0)
-        col += (haze[:, None] * (np.array([188, 196, 206], np.float32) - col))
-        out = np.empty((D.shape[0], 3), np.float32)
-        elev = np.clip(dz / norm, 0, 1)
-        a = (np.clip(elev / 0.45, 0, 1) ** 0.7)[:, None]
-        out[:] = (1 - a) * np.array([196, 206, 220], np.float32) + a * np.array([85, 130, 200], np.float32)
-        out[g] = col
-        return out, t
+        amp = np.where(ad < CURB, 9.0, np.where(ad < SIDEWALK_EDGE, 12.0, 22.0)).astype(np.float32)
+        return col, amp
 
-    def render(self, cam, global_R_cam, global_t_cam, centres, yaws, candidates, rng):
+    def render(self, cam, ego_R, ego_t, centres, yaws, candidates, rng):
         """Image uint8 [H, W, 3], and per candidate object the pixels its box covers (hit) and the pixels
         where it is the closest surface (owned); their ratio is its visibility."""
         H, W = cam.H, cam.W
+        global_R_cam, global_t_cam = ego_R @ cam.ego_R_cam, ego_R @ cam.ego_t_cam + ego_t
         D = cam.rays @ global_R_cam.T.astype(np.float32)     # [P, 3] global ray directions (not unit)
         o = global_t_cam.astype(np.float32)
-        colour, depth = self.background(o, D, cam.ray_norm)
+        colour, depth = self.background(cam, ego_R, ego_t)
         colour, depth = colour.reshape(H, W, 3), depth.reshape(H, W)
         Dx, Dy, Dz = (D[:, i].reshape(H, W) for i in range(3))
         owner = np.full((H, W), -1, np.int64)
@@ -516,8 +531,8 @@ def _scene(args):
             cts = ts + cam.delay
             cxy, cyaw = ego_at(cts)
             g_R_e, g_t_e = _pose_matrix(cxy, cyaw)
-            img, h_, o_ = renderer.render(cam, g_R_e @ cam.ego_R_cam, g_R_e @ cam.ego_t_cam + g_t_e,
-                                          centres, yaws, cand, np.random.default_rng([seed, scene_i, k, ci]))
+            img, h_, o_ = renderer.render(cam, g_R_e, g_t_e, centres, yaws, cand,
+                                          np.random.default_rng([seed, scene_i, k, ci]))
             hits += h_
             owned += o_
             fname = 'samples/%s/%s__%s__%d.jpg' % (cam.name, logfile, cam.name, cts)
