@@ -147,9 +147,9 @@ def describe_machine(device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")
+                        choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per variant (median)")
     parser.add_argument("--sites", default=",".join(SITES),
                         help=f"comma-separated subset of {','.join(SITES)}")

@@ -313,3 +313,106 @@ def test_env_var_forces_fallback_on_cuda(kernel, monkeypatch):
     assert msda._extension() is None
     out = ms_deform_attn(*inputs)
     assert torch.equal(out, ms_deform_attn_pytorch(*inputs))
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel's device code on the CPU (slow): checks its indexing, the warp-shuffle reductions and
+# the grid-stride loop on machines without a GPU. The kernels of msda_kernel.cu are compiled as
+# plain C++ with one std::thread per CUDA thread, each warp in lockstep at the shuffles (a barrier),
+# and atomicAdd under a mutex. The launchers (<<<...>>>) are cut off; the harness launches instead.
+# ------------------------------------------------------------------------------------------------
+EMULATION_PRELUDE = r"""
+#include <torch/extension.h>
+#include <barrier>
+#include <cmath>
+#include <mutex>
+#include <thread>
+#include <vector>
+using std::floor;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+struct Dim3 { int64_t x; };
+thread_local Dim3 threadIdx, blockIdx;
+Dim3 blockDim, gridDim;
+struct MsdaSizes { int64_t B, S, M, D, L, Q, P; };
+std::mutex atomic_mutex;
+template <typename T> void atomicAdd(T* p, T v) { std::lock_guard<std::mutex> g(atomic_mutex); *p += v; }
+struct Warp { double lanes[32]; std::barrier<> sync{32}; };
+thread_local Warp* warp;
+template <typename T> T __shfl_xor_sync(unsigned mask, T v, int offset) {
+  TORCH_CHECK(mask == 0xffffffffu);
+  const int lane = threadIdx.x & 31;
+  warp->lanes[lane] = static_cast<double>(v);
+  warp->sync.arrive_and_wait();
+  const T other = static_cast<T>(warp->lanes[lane ^ offset]);
+  warp->sync.arrive_and_wait();
+  return other;
+}
+"""
+
+EMULATION_DRIVER = r"""
+template <typename F> void launch(int64_t blocks, int64_t threads, F kernel) {
+  blockDim.x = threads; gridDim.x = blocks;
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t w = 0; w < threads / 32; ++w) {
+      Warp wp; std::vector<std::thread> lanes;
+      for (int lane = 0; lane < 32; ++lane)
+        lanes.emplace_back([&, lane] { threadIdx.x = w * 32 + lane; blockIdx.x = b; warp = &wp; kernel(); });
+      for (auto& t : lanes) t.join();
+    }
+}
+template <typename T>
+std::vector<torch::Tensor> run(torch::Tensor value, torch::Tensor shapes, torch::Tensor starts,
+                               torch::Tensor loc, torch::Tensor attn, torch::Tensor grad_out,
+                               int64_t blocks, int64_t threads) {
+  MsdaSizes n{value.size(0), value.size(1), value.size(2), value.size(3), loc.size(3), loc.size(1), loc.size(4)};
+  auto out = torch::full({n.B, n.Q, n.M * n.D}, 1e3, value.options());  // must be overwritten
+  auto gv = torch::zeros_like(value), gl = torch::zeros_like(loc), ga = torch::zeros_like(attn);
+  launch(blocks, threads, [&] { msda_forward_kernel<T>(value.data_ptr<T>(), shapes.data_ptr<int64_t>(),
+      starts.data_ptr<int64_t>(), loc.data_ptr<T>(), attn.data_ptr<T>(), out.data_ptr<T>(), n); });
+  launch(blocks, threads, [&] { msda_backward_kernel<T>(value.data_ptr<T>(), shapes.data_ptr<int64_t>(),
+      starts.data_ptr<int64_t>(), loc.data_ptr<T>(), attn.data_ptr<T>(), grad_out.data_ptr<T>(),
+      gv.data_ptr<T>(), gl.data_ptr<T>(), ga.data_ptr<T>(), n); });
+  return {out, gv, gl, ga};
+}
+std::vector<torch::Tensor> emulate(torch::Tensor value, torch::Tensor shapes, torch::Tensor starts,
+                                   torch::Tensor loc, torch::Tensor attn, torch::Tensor grad_out,
+                                   int64_t blocks, int64_t threads) {
+  if (value.scalar_type() == torch::kDouble)
+    return run<double>(value, shapes, starts, loc, attn, grad_out, blocks, threads);
+  return run<float>(value, shapes, starts, loc, attn, grad_out, blocks, threads);
+}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("emulate", &emulate); }
+"""
+
+
+@pytest.mark.slow
+def test_kernel_device_code_emulated_on_cpu(tmp_path):
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on the PATH to build the CPU emulation of the kernel")
+    from torch.utils.cpp_extension import load
+    kernels = open(os.path.join(OPS_DIR, "msda_kernel.cu")).read()
+    kernels = kernels.replace('#include "msda.h"', "")
+    kernels = kernels[:kernels.index("int64_t blocks_for")] + "}  // namespace\n"
+    source = tmp_path / "msda_emulated.cpp"
+    source.write_text(EMULATION_PRELUDE + kernels + EMULATION_DRIVER)
+    emu = load(name="msda_emulated", sources=[str(source)], build_directory=str(tmp_path),
+               extra_cflags=["-O1", "-Wno-unknown-pragmas"])
+    cases = KERNEL_CASES + [(1, 1, 1, [(3, 4)], 5, 2), (2, 2, 40, [(4, 5), (2, 2)], 3, 3),
+                            (1, 3, 96, [(6, 4)], 4, 2)]
+    for case in cases:
+        for dtype in (torch.float64, torch.float32):
+            B, M, D, _, Q, _ = case
+            value, shapes, starts, loc, attn = make_inputs(*case, dtype=dtype)
+            # one thread per output element; and 2 blocks of 64 threads, so the loop strides
+            for blocks, threads in (((B * Q * M * D + 255) // 256, 256), (2, 64)):
+                leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+                out = ms_deform_attn_pytorch(leaves[0], shapes, starts, leaves[1], leaves[2])
+                grad_out = torch.randn(out.shape, dtype=dtype)
+                ref = (out,) + torch.autograd.grad(out, leaves, grad_out)
+                mine = emu.emulate(value, shapes, starts, loc, attn, grad_out, blocks, threads)
+                tol = 1e-12 if dtype == torch.float64 else 1e-5
+                for name, a, b in zip(("out", "grad_value", "grad_loc", "grad_attn"), mine, ref):
+                    rel = ((a - b).abs().max() / b.abs().max()).item()
+                    assert rel < tol, f"{case} {dtype} {blocks}x{threads} {name}: {rel:.1e}"
