@@ -368,9 +368,10 @@ def train(args, explicit=()):
     args.model = cfg.name
     if not args.out:
         args.out = os.path.join('runs', f'{cfg.name}-{args.distill}' if args.teacher else cfg.name)
+    # every rank its own augmentation randomness (DDP copies rank 0's initial weights to the others)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed)                 # the same initial weights on every rank
+    torch.manual_seed(args.seed + rank)
     model = evaluate.build_model(cfg)
     if args.backbone_weights and ckpt is None:
         import bevformer

@@ -125,6 +125,37 @@ def run_train(argv):
 
 
 # ------------------------------------------------------------------------------------------------
+# Smoke: the real cpu-tiny, a few iterations, a checkpoint, evaluate.py on it
+
+SMALLER = ['--set', 'bev_h=20', '--set', 'bev_w=20', '--set', 'num_query=60', '--set', 'enc_layers=1']
+
+
+def test_smoke_train_then_evaluate_cpu_tiny(world, tmp_path):
+    out = str(tmp_path / 'run')
+    r = subprocess.run([sys.executable, 'train.py', '--dataroot', world, '--iters', '2', '--warmup', '1',
+                        '--log-every', '1', '--workers', '0', '--no-eval', '--out', out] + SMALLER,
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(os.path.join(out, 'last.pt'), weights_only=True)
+    assert ckpt['config']['name'] == 'cpu-tiny' and ckpt['config']['bev_h'] == 20 and ckpt['iter'] == 2
+    log = train.read_log(os.path.join(out, 'log.jsonl'))
+    assert [r['iter'] for r in log if 'loss' in r] == [1, 2] and all(np.isfinite(r['loss']) for r in log if 'loss' in r)
+    assert any(k.startswith('loss_cls_') for k in log[0]) and os.path.exists(os.path.join(out, 'learning_curve.png'))
+    # evaluate.py rebuilds the model from the checkpoint's (overridden) config alone
+    ev = str(tmp_path / 'eval')
+    r = subprocess.run([sys.executable, 'evaluate.py', '--ckpt', os.path.join(out, 'last.pt'), '--dataroot', world,
+                        '--out', ev, '--workers', '0', '--vis', '1'], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1].split()
+    assert last[0] == 'NDS' and last[2] == 'mAP' and 0 <= float(last[1]) <= 1 and 0 <= float(last[3]) <= 1
+    assert 'Per-class results:' in r.stdout
+    with open(os.path.join(ev, 'metrics_summary.json')) as f:
+        assert json.load(f)['nd_score'] == pytest.approx(float(last[1]), abs=1e-4)
+    assert len([f for f in os.listdir(os.path.join(ev, 'vis')) if f.endswith('.png')]) == 1
+
+
+# ------------------------------------------------------------------------------------------------
 # Schedule and --set
 
 
@@ -312,3 +343,67 @@ def test_malicious_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
     # sanity of the test itself: a full unpickle would have run the code
     torch.load(path, weights_only=False)
     assert os.path.exists(marker)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: one-line errors naming the culprit (subprocesses, run side by side)
+
+
+def test_bad_inputs_give_one_line_naming_the_culprit(world, tmp_path):
+    import shutil
+    broken = str(tmp_path / 'broken')
+    shutil.copytree(world, broken)
+    cam_dir = os.path.join(broken, 'samples', 'CAM_FRONT')
+    for name in os.listdir(cam_dir):                      # every front image becomes garbage
+        with open(os.path.join(cam_dir, name), 'wb') as f:
+            f.write(b'not a jpeg')
+    out = str(tmp_path / 'out')
+    cases = {
+        'missing dataroot': (['train.py', '--dataroot', str(tmp_path / 'nowhere'), '--out', out], 'nowhere'),
+        'unknown preset': (['train.py', '--model', 'cpu-huge', '--dataroot', world, '--out', out], 'cpu-huge'),
+        'unknown --set key': (['train.py', '--set', 'bev_hh=3', '--dataroot', world, '--out', out], 'bev_hh'),
+        'missing checkpoint': (['evaluate.py', '--ckpt', str(tmp_path / 'none.pt'), '--dataroot', world], 'none.pt'),
+        'missing resume': (['train.py', '--resume', str(tmp_path / 'gone.pt')], 'gone.pt'),
+        'corrupt image': (['train.py', '--dataroot', broken, '--iters', '1', '--workers', '1', '--no-eval',
+                           '--out', out], 'CAM_FRONT'),
+    }
+    procs = {k: subprocess.Popen([sys.executable] + argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for k, (argv, _) in cases.items()}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        lines = [l for l in stderr.splitlines() if l.strip() and not l.startswith('train:')]   # tqdm bar
+        assert proc.returncode not in (0, None), name
+        assert len(lines) == 1 and lines[0].startswith('error: '), (name, stderr[-2000:])
+        assert cases[name][1] in lines[0], (name, lines[0])
+        assert 'Traceback' not in stderr, name
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed: torchrun with 2 CPU processes (gloo), whole val scenes per rank, rank 0 gathers
+
+
+def test_torchrun_two_cpu_processes(world, tmp_path):
+    out = str(tmp_path / 'ddp')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.abspath(__file__), '--stand-in', '--dataroot', world, '--iters', '4', '--warmup', '1',
+           '--log-every', '1', '--workers', '0', '--out', out]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith('NDS ')
+    ckpt = torch.load(os.path.join(out, 'last.pt'), weights_only=True)
+    assert ckpt['iter'] == 4 and len(ckpt['rng']) == 2                  # both ranks' RNG states
+    assert not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
+    log = train.read_log(os.path.join(out, 'log.jsonl'))
+    assert [r['iter'] for r in log if 'loss' in r] == [1, 2, 3, 4]
+    ds = data.NuScenesDataset(world, split='val')
+    with open(os.path.join(out, 'results_nusc.json')) as f:
+        assert set(json.load(f)['results']) == set(ds.sample_tokens)   # every val sample, from both ranks
+
+
+if __name__ == '__main__' and '--stand-in' in sys.argv:
+    # torchrun entry of test_torchrun_two_cpu_processes: train.py's main with the stand-in detector
+    sys.argv.remove('--stand-in')
+    evaluate.preset_config = lambda name, flag='--model': StandInConfig()
+    evaluate.config_from_dict = lambda d, what='': StandInConfig(**d)
+    evaluate.build_model = StandIn
+    train.main()
