@@ -95,16 +95,18 @@ def split_scene_names(version, split):
 # Per-frame pieces.
 
 def load_image(path, size):
-    """RGB float32 [H, W, 3] in 0..255 resized to size = (W, H) (bilinear). JPEG draft mode decodes at a
-    reduced scale first when the target is at least 2x smaller (much faster on 1600x900 images)."""
+    """RGB float32 [H, W, 3] in 0..255 resized to size = (W, H) (bilinear), and the file's own (W, H).
+    JPEG draft mode decodes at a reduced scale first when the target is at least 2x smaller (much faster
+    on 1600x900 images)."""
     try:
         with Image.open(path) as im:
+            native = im.size
             if size is not None and im.format == 'JPEG':
                 im.draft('RGB', size)
             im = im.convert('RGB')
             if size is not None and im.size != tuple(size):
                 im = im.resize(tuple(size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.float32)
+            return np.asarray(im, dtype=np.float32), native
     except (OSError, SyntaxError, ValueError) as e:   # PIL raises these for truncated or non-image files
         raise InputError('%s: cannot read the image (%s); expected a readable JPEG/PNG' % (path, e)) from None
 
@@ -341,11 +343,10 @@ class NuScenesDataset(torch.utils.data.Dataset):
         imgs, scale = [], []
         for cam in CAMERAS:
             sd = self.nusc.get('sample_data', sample['data'][cam])
-            img = load_image(os.path.join(self.dataroot, sd['filename']), self.image_size)
+            img, (w0, h0) = load_image(os.path.join(self.dataroot, sd['filename']), self.image_size)
             if rng is not None:
                 img = photometric_distortion(img, rng)
-            h0, w0 = (sd['height'], sd['width']) if sd['width'] else img.shape[:2]
-            scale.append((img.shape[1] / w0, img.shape[0] / h0))
+            scale.append((img.shape[1] / w0, img.shape[0] / h0))      # the intrinsics are for the file's size
             imgs.append(img)
         shapes = {im.shape for im in imgs}
         if len(shapes) > 1:

@@ -654,7 +654,8 @@ def write_synthetic_world(out, version='v1.0-mini', train_scenes=None, val_scene
     bar = tqdm(total=len(jobs), desc='synthetic world', unit='scene', disable=not progress)
     if workers > 0 and len(jobs) > 1:
         import multiprocessing as mp
-        with mp.get_context('fork').Pool(workers) as pool:
+        ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
+        with ctx.Pool(workers) as pool:
             results = []
             for r in pool.imap(_scene, jobs):                # ordered: tables do not depend on timing
                 results.append(r)

@@ -240,10 +240,46 @@ def test_synthetic_world_content(val):
     assert torch.norm(first[:2] - last[:2]) > 5.0                     # the ego drives
     assert 0 <= first[16] < 2 * np.pi and abs(np.rad2deg(first[16].item()) - first[17].item()) < 1e-3
     assert first[13] > 1.0 and abs(first[14]) < 0.3                    # forward velocity in the ego frame
+    # every scene has all 10 classes with lidar points within their evaluation ranges
+    for scene in nusc.scene:
+        found, tok = set(), scene['first_sample_token']
+        while tok:
+            sample = nusc.get('sample', tok)
+            ego = nusc.get('ego_pose', nusc.get('sample_data', sample['data']['LIDAR_TOP'])['ego_pose_token'])
+            for a in sample['anns']:
+                ann = nusc.get('sample_annotation', a)
+                name = category_to_detection_name(ann['category_name'])
+                dist = np.hypot(*(np.array(ann['translation'][:2]) - ego['translation'][:2]))
+                if ann['num_lidar_pts'] > 0 and dist < CLASS_RANGE[name]:
+                    found.add(name)
+            tok = sample['next']
+        assert found == set(data.CLASSES), (scene['name'], set(data.CLASSES) - found)
     # every sample has a LIDAR_TOP file the devkit reads
     from nuscenes.utils.data_classes import LidarPointCloud
     pc = LidarPointCloud.from_file(nusc.get_sample_data_path(nusc.sample[0]['data']['LIDAR_TOP']))
     assert pc.points.shape[0] == 4 and pc.points.shape[1] > 1000
+
+
+def test_can_bus_expansion_is_used_when_present(world, tmp_path):
+    """With <dataroot>/can_bus/<scene>_pose.json, can_bus[7:16] are accel, rotation_rate, vel of the first
+    pose message after the sample (official converter); 0-6 and 16-17 still come from the ego pose."""
+    copy = str(tmp_path / 'with_can')
+    shutil.copytree(world, copy)
+    os.makedirs(os.path.join(copy, 'can_bus'))
+    ds0 = data.NuScenesDataset(world, 'v1.0-mini', 'val', image_size=SIZE)
+    sample = ds0.nusc.get('sample', ds0.sample_tokens[1])
+    scene = ds0.nusc.get('scene', sample['scene_token'])['name']
+    ts = sample['timestamp']
+    msgs = [{'utime': ts - 40000 + 10000 * k, 'pos': [0, 0, 0], 'orientation': [1, 0, 0, 0],
+             'accel': [k, 0.5, 9.8], 'rotation_rate': [0, 0, 0.1 * k], 'vel': [5 + k, 0, 0]} for k in range(8)]
+    with open(os.path.join(copy, 'can_bus', scene + '_pose.json'), 'w') as f:
+        json.dump(msgs, f)
+    ds = data.NuScenesDataset(copy, 'v1.0-mini', 'val', image_size=SIZE)
+    cb, cb0 = ds.can_bus(1), ds0.can_bus(1)
+    first_after = msgs[5]                      # utime ts + 10000 is the first > ts
+    assert cb[7:16].tolist() == pytest.approx(first_after['accel'] + first_after['rotation_rate'] + first_after['vel'])
+    assert torch.equal(cb[:7], cb0[:7]) and torch.equal(cb[16:], cb0[16:])
+    assert not torch.allclose(cb[7:16], cb0[7:16])
 
 
 # -- temporal history ----------------------------------------------------------------------------------------
@@ -312,3 +348,37 @@ def test_cli_error_is_one_line(tmp_path):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: --dataroot') and 'x' in lines[0], r.stderr
+
+
+def test_cli_synth_bench_picture_in_process(world, tmp_path, capsys):
+    out = str(tmp_path / 'cli_world')
+    assert data.main(['synth', '--out', out, '--train-scenes', '1', '--val-scenes', '0', '--samples-per-scene', '2',
+                      '--image-scale', '0.05', '--workers', '0']) == 0
+    assert 'wrote %s: 1 scenes, 2 samples' % out in capsys.readouterr().out
+    assert data.main(['bench', '--dataroot', world, '--samples', '2', '--warmup', '1']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split(':')[0] for l in lines[-2:]] == ['workers 0', 'workers 2'] and 'samples/s' in lines[-1]
+    png = str(tmp_path / 'cams.png')
+    assert data.main(['picture', '--dataroot', world, '--out', png]) == 0
+    from PIL import Image
+    assert Image.open(png).size == (3 * 200, 2 * 113)
+    assert data.main(['synth', '--out', out, '--samples-per-scene', '1']) == 2
+    assert capsys.readouterr().err.startswith('error: --samples-per-scene 1')
+
+
+@pytest.mark.slow
+def test_devkit_utilities_on_synthetic_world(world, tmp_path):
+    """The devkit's own rendering (camera with boxes, LIDAR_TOP with the map underlay) and multi-sweep
+    loading work on the synthetic world."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from nuscenes.nuscenes import NuScenes
+    from nuscenes.utils.data_classes import LidarPointCloud
+    nusc = NuScenes('v1.0-mini', world, verbose=False)
+    sample = nusc.sample[2]
+    nusc.render_sample_data(sample['data']['CAM_FRONT'], out_path=str(tmp_path / 'cam.png'), verbose=False)
+    nusc.render_sample_data(sample['data']['LIDAR_TOP'], underlay_map=True, nsweeps=2,
+                            out_path=str(tmp_path / 'lidar.png'), verbose=False)
+    assert os.path.getsize(tmp_path / 'cam.png') > 10000 and os.path.getsize(tmp_path / 'lidar.png') > 10000
+    pc, _ = LidarPointCloud.from_file_multisweep(nusc, sample, 'LIDAR_TOP', 'LIDAR_TOP', nsweeps=2)
+    assert pc.points.shape[1] > 2000
