@@ -356,10 +356,11 @@ def visualise(ds, preds, out_dir, k, score_threshold=0.3):
         keep = p['scores'] >= score_threshold
         sets = [(lidar_boxes(p['boxes'][keep], p['scores'][keep], p['labels'][keep]), PRED_COLOUR),
                 (lidar_boxes(gt['gt_boxes'].numpy(), np.ones(len(gt['gt_labels'])), gt['gt_labels'].numpy()), GT_COLOUR)]
-        fig = plt.figure(figsize=(24, 11))
+        fig = plt.figure(figsize=(24, 7.5))
+        grid = fig.add_gridspec(2, 4)
         sample = nusc.get('sample', token)
         for c, cam in enumerate(data.CAMERAS):
-            ax = fig.add_subplot(3, 4, [1, 2, 3, 5, 6, 7][c])
+            ax = fig.add_subplot(grid[c // 3, c % 3])
             sd = nusc.get('sample_data', sample['data'][cam])
             cs = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
             pose = nusc.get('ego_pose', sd['ego_pose_token'])
@@ -378,7 +379,7 @@ def visualise(ds, preds, out_dir, k, score_threshold=0.3):
             ax.set_ylim(sd['height'], 0)
             ax.set_title(cam, fontsize=9)
             ax.axis('off')
-        ax = fig.add_subplot(1, 4, 4)
+        ax = fig.add_subplot(grid[:, 3])
         for boxes, colour in sets:
             for box in boxes:   # LIDAR_TOP frame: x right, y forward
                 box.render(ax, view=np.eye(4), normalize=False, colors=(colour,) * 3, linewidth=1)
