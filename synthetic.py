@@ -20,7 +20,9 @@ devkit needs are in the spec `nuscenes-format.md`; the world itself:
   with a z-buffer for occlusion. Each face is shaded by a sun direction; the front face (+x of the box,
   its heading) is tinted light, the back face dark, so that heading is learnable. Class colours are
   jittered per instance and sizes overlap, so colour alone does not give position, heading or velocity.
-  Per-image exposure and pixel noise, JPEG quality 90.
+  Per-image exposure and pixel noise, JPEG quality 90. Objects are drawn where they are at the sample
+  (lidar) time and the ego where it is at each camera's own time, so `lidar2img` built with each
+  camera's own ego pose (architecture.md 7.2) is exact for every object, moving or not.
 * LIDAR_TOP: ground rings plus points sampled on the faces of each annotated object that face the lidar,
   in proportion to its visible fraction in the cameras (a fully hidden object gets none, like in
   nuScenes). `num_lidar_pts` is counted with the devkit's `points_in_box` on the written points.
@@ -632,7 +634,7 @@ def write_synthetic_world(out, version='v1.0-mini', train_scenes=None, val_scene
                           image_scale=0.25, seed=0, workers=None, progress=True):
     """Write a nuScenes-format world to `out` (see the module docstring). train_scenes / val_scenes: how
     many scenes of the official split (None: all of v1.0-mini's 8 + 2; for v1.0-trainval 8 + 2 too).
-    workers: processes used for rendering (default: min(2, CPUs); 0 renders in this process).
+    workers: processes used for rendering (default: min(2, CPUs), or 0 (this process) below 40 samples).
     Returns a dict of statistics (seconds, bytes, samples, annotations)."""
     start = time.time()
     if version == 'v1.0-trainval':
@@ -650,7 +652,8 @@ def write_synthetic_world(out, version='v1.0-mini', train_scenes=None, val_scene
     t0 = 1532402927000000
     jobs = [(out, version, seed, i, n, samples_per_scene, image_scale, t0 + i * 3600 * 1000000)
             for i, n in enumerate(names)]
-    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    if workers is None:                                     # processes only pay off for real worlds
+        workers = min(2, os.cpu_count() or 1) if len(jobs) * samples_per_scene >= 40 else 0
     bar = tqdm(total=len(jobs), desc='synthetic world', unit='scene', disable=not progress)
     if workers > 0 and len(jobs) > 1:
         import multiprocessing as mp
