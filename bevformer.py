@@ -399,7 +399,7 @@ def compact_cameras(uv, mask, quirk_batch0=False):
     idx = order.transpose(0, 1).contiguous()                              # [B, N, R]
     ref = uv.transpose(0, 1).gather(2, idx[..., None, None].expand(-1, -1, -1, Z, 2))  # [B, N, R, Z, 2]
     count = hit.sum(0).clamp(min=1).to(uv.dtype)                          # [B, Q]
-    return {'idx': idx, 'valid': valid.transpose(0, 1).to(uv.dtype), 'ref': ref.flatten(0, 1),
+    return {'idx': idx, 'valid': valid.transpose(0, 1).contiguous().to(uv.dtype), 'ref': ref.flatten(0, 1),
             'count': count}
 
 
@@ -1081,3 +1081,197 @@ def example_batch(cfg, batch_size=1, history=True, num_gt=20, seed=0):
                             'can_bus': torch.stack([can_bus(t - T1) for t in range(T1)], 1)}
         batch['history_valid'] = torch.ones(B, T1, dtype=torch.bool)
     return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Official checkpoints (architecture.md section 5): strict key remap + yaw conversion
+# ---------------------------------------------------------------------------------------------
+
+# our parameter name -> the official one: regex rewrites applied in order
+_TO_OFFICIAL = [
+    (r'^backbone\.', 'img_backbone.'),
+    (r'^neck\.(lateral_convs|fpn_convs)\.(\d+)\.', r'img_neck.\1.\2.conv.'),            # mmcv ConvModule
+    (r'^(cls_branches|reg_branches|bev_embedding|query_embedding|positional_encoding)\.', r'pts_bbox_head.\1.'),
+    (r'^(encoder|decoder|level_embeds|cams_embeds|reference_points|can_bus_mlp)\b', r'pts_bbox_head.transformer.\1'),
+    (r'\.tsa\.', '.attentions.0.'),
+    (r'\.sca\.', '.attentions.1.'),
+    (r'\.self_attn\.', '.attentions.0.attn.'),                                        # mmcv MHA wrapper
+    (r'\.cross_attn\.', '.attentions.1.'),
+    (r'\.ffn\.fc1\.', '.ffns.0.layers.0.0.'),
+    (r'\.ffn\.fc2\.', '.ffns.0.layers.1.'),
+]
+# official tensors we read nothing from: the head's loss code weights (our config holds them)
+_OFFICIAL_IGNORED = ('pts_bbox_head.code_weights',)
+
+
+def official_key(key):
+    """Our state_dict key -> the official checkpoint's key (e.g. neck.lateral_convs.0.weight ->
+    img_neck.lateral_convs.0.conv.weight; encoder.layers.0.tsa.value_proj.weight ->
+    pts_bbox_head.transformer.encoder.layers.0.attentions.0.value_proj.weight)."""
+    import re
+    for pattern, repl in _TO_OFFICIAL:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def read_state_dict(path):
+    """The tensors of a checkpoint file, read with torch.load(weights_only=True) (no code runs)."""
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f'{path}: no such file (expected an official BEVFormer checkpoint .pth)')
+    except Exception as e:
+        raise InputError(f'{path}: not readable with torch.load(weights_only=True) ({type(e).__name__}); '
+                         f'expected a checkpoint of plain tensors and builtins')
+    state = obj.get('state_dict', obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise InputError(f'{path}: expected a dict with a "state_dict" of tensors (mmcv checkpoint)')
+    return state
+
+
+def load_official(model, path):
+    """Load an official mmdet3d BEVFormer checkpoint (path, or its state_dict) into `model`, strictly:
+    every parameter and buffer is filled, and an unknown or missing key, or a shape mismatch, is an
+    InputError naming it. The final regression layers' (sin, cos) rows are converted from the
+    official yaw' = -yaw - pi/2 to ours. Returns the model."""
+    src = path if isinstance(path, str) else 'state_dict'
+    state = read_state_dict(path) if isinstance(path, str) else path
+    own = model.state_dict()
+    wanted = {official_key(k): k for k in own}                       # official name -> ours
+    for k in state:
+        if k not in wanted and k not in _OFFICIAL_IGNORED:
+            raise InputError(f'{src}: unknown key {k} (preset {model.cfg.name} has no such parameter; '
+                             f'wrong --preset?)')
+    new = {}
+    for ok, k in wanted.items():
+        if ok not in state:
+            raise InputError(f'{src}: missing key {ok} (needed for {k} of preset {model.cfg.name})')
+        if tuple(state[ok].shape) != tuple(own[k].shape):
+            raise InputError(f'{src}: {ok} has shape {list(state[ok].shape)}, preset {model.cfg.name} '
+                             f'expects {list(own[k].shape)} (wrong --preset?)')
+        new[k] = state[ok].to(own[k].dtype)
+    for lid in range(model.cfg.dec_layers):                          # yaw convention (2.10)
+        for p in ('weight', 'bias'):
+            k = f'reg_branches.{lid}.4.{p}'
+            new[k] = convert_official_reg_rows(new[k])
+    model.load_state_dict(new, strict=True)
+    return model
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, then os.replace: a crash never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def convert(official_path, preset, out_path):
+    """Official checkpoint -> our checkpoint format (usable by train.py --ckpt/--teacher, evaluate.py)."""
+    cfg = get_config(preset)
+    model = load_official(BEVFormer(cfg), official_path)
+    save_checkpoint({'model': model.state_dict(), 'config': asdict(cfg),
+                     'args': {'converted_from': os.path.abspath(official_path), 'preset': preset},
+                     'iter': 0}, out_path)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost: parameters, FLOPs, CPU step time (`python bevformer.py bench`)
+# ---------------------------------------------------------------------------------------------
+
+def count_flops(model, batch):
+    """One no-grad eval-mode forward of `batch`. torch.utils.flop_counter.FlopCounterMode counts
+    matmuls and convolutions as 2 FLOPs per multiply-add; the deformable-attention op is counted by
+    hand (per sampled channel: 4 bilinear corners + 1 weighting = 5 multiply-adds), as are neither
+    the normalisations nor the DCN's bilinear sampling. Returns {'gmacs' (multiply-adds / 1e9, the
+    unit mmcv's get_flops calls "GFLOPs"), 'gflops' (= 2 * gmacs), 'msda_gmacs'}."""
+    from torch.utils.flop_counter import FlopCounterMode
+    global _FLOP_COUNT
+    was_training = model.training
+    model.eval()
+    _FLOP_COUNT = [0]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(batch)
+        msda_macs = _FLOP_COUNT[0]
+    finally:
+        _FLOP_COUNT = None
+        model.train(was_training)
+    gmacs = counter.get_total_flops() / 2e9 + msda_macs / 1e9
+    return {'gmacs': gmacs, 'gflops': 2 * gmacs, 'msda_gmacs': msda_macs / 1e9}
+
+
+def train_step_time(cfg, iters=3, threads=2, seed=0):
+    """Median seconds of one training iteration (batch 1 with its own queue_length - 1 history
+    frames, forward + loss + backward + AdamW step) on the CPU."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = BEVFormer(cfg).train()
+    batch = example_batch(cfg, batch_size=1, history=True, seed=seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    times = []
+    for _ in range(iters + 1):                                   # the first one warms up
+        t = time.perf_counter()
+        loss = sum(model.loss(model(batch), batch).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[1:]))
+
+
+def bench(presets, iters=3, threads=2, step_presets=('cpu-tiny', 'cpu-base')):
+    torch.set_num_threads(threads)
+    print(f'# params and cost of one frame (batch 1, 6 cameras, eval forward, no history); torch {torch.__version__}, '
+          f'{threads} threads')
+    print('# GMACs = matmul/conv multiply-adds (FlopCounterMode FLOPs / 2) + deformable-attention MACs counted by hand;')
+    print('# the paper column is FD3D Table GFLOPs (mmcv-style, i.e. multiply-adds): indicative only')
+    print(f'{"preset":<11} {"input WxH":>10} {"BEV":>8} {"params M":>9} {"GMACs":>9} {"MSDA GMACs":>11} {"paper":>8}')
+    for name in presets:
+        cfg = get_config(name)
+        torch.manual_seed(0)
+        model = BEVFormer(cfg)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        cost = count_flops(model, example_batch(cfg, batch_size=1, history=False))
+        paper = PAPER_GFLOPS.get(name)
+        print(f'{name:<11} {cfg.image_size[0]:>5}x{cfg.image_size[1]:<4} {cfg.bev_h:>4}x{cfg.bev_w:<3} {params:>9.2f} '
+              f'{cost["gmacs"]:>9.2f} {cost["msda_gmacs"]:>11.2f} {paper if paper else "-":>8}', flush=True)
+        del model
+    print(f'# CPU training step (batch 1 with its own history frames, forward+loss+backward+AdamW, '
+          f'{threads} threads, median of {iters} after 1 warm-up)')
+    for name in step_presets:
+        cfg = get_config(name)
+        print(f'{name:<11} queue {cfg.queue_length}: {train_step_time(cfg, iters, threads):.2f} s/iter', flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='BEVFormer: official-checkpoint conversion and benchmarks')
+    sub = p.add_subparsers(dest='cmd', required=True)
+    c = sub.add_parser('convert', help='official mmdet3d checkpoint -> our checkpoint format')
+    c.add_argument('official', help='official checkpoint (.pth), read with weights_only=True')
+    c.add_argument('--preset', required=True, help=f'one of {", ".join(PRESETS)} (tiny, small, base are official)')
+    c.add_argument('--out', required=True, help='output checkpoint path (.pt)')
+    b = sub.add_parser('bench', help='params and GFLOPs of every preset, CPU step times of the CPU presets')
+    b.add_argument('--presets', default=','.join(PRESETS), help='comma-separated presets for the cost table')
+    b.add_argument('--steps', default='cpu-tiny,cpu-base', help='comma-separated presets to time a training step')
+    b.add_argument('--iters', type=int, default=3, help='timed iterations per preset')
+    b.add_argument('--threads', type=int, default=2, help='torch CPU threads')
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == 'convert':
+            convert(args.official, args.preset, args.out)
+            print(f'wrote {args.out} (preset {args.preset})')
+        else:
+            names = [n for n in args.presets.split(',') if n]
+            steps = [n for n in args.steps.split(',') if n]
+            for n in names + steps:
+                get_config(n)
+            bench(names, args.iters, args.threads, steps)
+    except InputError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()
