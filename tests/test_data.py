@@ -382,3 +382,18 @@ def test_devkit_utilities_on_synthetic_world(world, tmp_path):
     assert os.path.getsize(tmp_path / 'cam.png') > 10000 and os.path.getsize(tmp_path / 'lidar.png') > 10000
     pc, _ = LidarPointCloud.from_file_multisweep(nusc, sample, 'LIDAR_TOP', 'LIDAR_TOP', nsweeps=2)
     assert pc.points.shape[1] > 2000
+
+
+def test_trainval_names(tmp_path):
+    """--version v1.0-trainval writes official trainval scene names; the loader maps train/val to them."""
+    from nuscenes.utils.splits import create_splits_scenes
+    root = str(tmp_path / 'tv')
+    data.write_synthetic_world(root, 'v1.0-trainval', train_scenes=1, val_scenes=1, samples_per_scene=2,
+                               image_scale=0.05, progress=False)
+    splits = create_splits_scenes()
+    for split in ('train', 'val'):
+        ds = data.NuScenesDataset(root, 'v1.0-trainval', split)
+        assert [s['name'] for s in ds.scenes] == [splits[split][0]] and len(ds) == 2
+        assert ds[1]['img'].shape[-2:] == (64, 96)            # 80x45 padded to x32
+    with pytest.raises(data.InputError, match='v1.0-trainval has 700 train and 150 val'):
+        data.write_synthetic_world(root, 'v1.0-trainval', train_scenes=701, val_scenes=0)
