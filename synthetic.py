@@ -79,7 +79,7 @@ SAMPLE_DT_US = 500000                  # keyframes at 2 Hz
 
 # Road cross-section: lateral offset d (m, positive = left of the road direction).
 LANES = (1.65, 4.95)                   # lane centres on each side; the ego drives at d = -1.65
-BIKE_D, PARK_D, SIDEWALK_D = 7.7, 9.9, 15.0
+BIKE_D, PARK_D, SIDEWALK_D = 7.7, 9.9, 15.2
 WALK_D = (12.4, 13.4)
 ROAD_EDGE, PARK_EDGE, CURB, SIDEWALK_EDGE = 7.0, 8.4, 11.4, 16.4
 ANNOTATE_RANGE = 75.0                  # objects are annotated while within this distance of the ego

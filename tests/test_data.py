@@ -260,6 +260,26 @@ def test_synthetic_world_content(val):
     assert pc.points.shape[0] == 4 and pc.points.shape[1] > 1000
 
 
+def test_no_two_objects_overlap(val):
+    """Physical plausibility: no two annotated boxes of a sample overlap in the ground plane (within 68 m
+    of the ego, where the world is built for)."""
+    from shapely.geometry import Polygon
+    nusc = val.nusc
+    pairs = 0
+    for sample in nusc.sample:
+        ego = nusc.get('ego_pose', nusc.get('sample_data', sample['data']['LIDAR_TOP'])['ego_pose_token'])
+        boxes = [nusc.get_box(a) for a in sample['anns']]
+        boxes = [b for b in boxes if np.hypot(*(b.center[:2] - ego['translation'][:2])) < 68]
+        centres = np.array([b.center[:2] for b in boxes])
+        radius = np.array([np.hypot(b.wlh[0], b.wlh[1]) / 2 for b in boxes])
+        close = np.hypot(*(centres[:, None] - centres[None]).transpose(2, 0, 1)) < radius[:, None] + radius[None]
+        polys = [Polygon(b.bottom_corners()[:2].T) for b in boxes]
+        for i, j in zip(*np.nonzero(np.triu(close, 1))):
+            pairs += 1
+            assert polys[i].intersection(polys[j]).area < 1e-3, (boxes[i], boxes[j])
+    assert pairs > 0
+
+
 def test_can_bus_expansion_is_used_when_present(world, tmp_path):
     """With <dataroot>/can_bus/<scene>_pose.json, can_bus[7:16] are accel, rotation_rate, vel of the first
     pose message after the sample (official converter); 0-6 and 16-17 still come from the ego pose."""
