@@ -496,23 +496,28 @@ class CustomMSDeformableAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """self-attn -> LN -> cross-attn over the BEV -> LN -> FFN -> LN (mmdet DetrTransformerDecoderLayer)."""
+    """self-attn -> LN -> cross-attn over the BEV -> LN -> FFN -> LN (mmdet DetrTransformerDecoderLayer).
 
-    def __init__(self, cfg):
+    `cross_attn` (default: CustomMSDeformableAttention over the BEV) may be another module with the
+    same contract, forward(x, pos, *cross_args) -> (x, *extras): DETR3D passes its Detr3DCrossAtten."""
+
+    def __init__(self, cfg, cross_attn=None):
         super().__init__()
         C = cfg.embed_dims
         self.self_attn = nn.MultiheadAttention(C, cfg.num_heads, dropout=cfg.dropout, batch_first=True)
         self.self_attn_drop = nn.Dropout(cfg.dropout)
-        self.cross_attn = CustomMSDeformableAttention(C, cfg.num_heads, cfg.dec_points, cfg.dropout)
+        self.cross_attn = (cross_attn if cross_attn is not None else
+                           CustomMSDeformableAttention(C, cfg.num_heads, cfg.dec_points, cfg.dropout))
         self.ffn = FFN(C, cfg.ffn_dims, cfg.dropout)
         self.norms = nn.ModuleList(nn.LayerNorm(C) for _ in range(3))
 
-    def forward(self, x, pos, bev, ref, bev_hw):
+    def forward(self, x, pos, *cross_args):
+        """BEVFormer: cross_args = (bev, ref, bev_hw) -> (x, loc, aw)."""
         q = x + pos
         x = self.norms[0](x + self.self_attn_drop(self.self_attn(q, q, x, need_weights=False)[0]))
-        x, loc, aw = self.cross_attn(x, pos, bev, ref, bev_hw)
+        x, *extras = self.cross_attn(x, pos, *cross_args)
         x = self.norms[1](x)
-        return self.norms[2](self.ffn(x)), loc, aw
+        return (self.norms[2](self.ffn(x)), *extras)
 
 
 def cls_branch(C, num_classes):
@@ -527,6 +532,19 @@ def reg_branch(C):
     """Linear -> ReLU -> Linear -> ReLU -> Linear(C, 10) (indices 0, 2, 4)."""
     return nn.Sequential(nn.Linear(C, C), nn.ReLU(inplace=True), nn.Linear(C, C), nn.ReLU(inplace=True),
                          nn.Linear(C, 10))
+
+
+def refine_boxes(t, ref, pc_range):
+    """Iterative box refinement (Deformable DETR Sec. 4.2; architecture.md 2.9-2.10): the regression
+    t [B, Q, 10] of a layer whose INPUT reference was ref [B, Q, 3] (normalised to pc_range) ->
+    (box [B, Q, 10] code with metric centres, the next reference [B, Q, 3], not yet detached)."""
+    x0, y0, z0, x1, y1, z1 = pc_range
+    r = inverse_sigmoid(ref)
+    cxy = (t[..., 0:2] + r[..., 0:2]).sigmoid()
+    cz = (t[..., 4:5] + r[..., 2:3]).sigmoid()
+    box = torch.cat([cxy[..., 0:1] * (x1 - x0) + x0, cxy[..., 1:2] * (y1 - y0) + y0,
+                     t[..., 2:4], cz * (z1 - z0) + z0, t[..., 5:10]], -1)           # metric centres
+    return box, torch.cat([cxy, cz], -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,19 +744,13 @@ class BEVFormer(nn.Module):
         pos, x = self.query_embedding.weight.split(C, -1)                        # [Q, C] each
         pos, x = pos[None].expand(B, -1, -1), x[None].expand(B, -1, -1)
         ref = self.reference_points(pos).sigmoid()                               # [B, Q, 3] normalised
-        x0, y0, z0, x1, y1, z1 = cfg.pc_range
         outs = []
         for lid, layer in enumerate(self.decoder.layers):
             x, loc, aw = layer(x, pos, bev, ref[..., :2], (cfg.bev_h, cfg.bev_w))
-            t = self.reg_branches[lid](x)                                        # [B, Q, 10]
-            r = inverse_sigmoid(ref)
-            cxy = (t[..., 0:2] + r[..., 0:2]).sigmoid()
-            cz = (t[..., 4:5] + r[..., 2:3]).sigmoid()
-            box = torch.cat([cxy[..., 0:1] * (x1 - x0) + x0, cxy[..., 1:2] * (y1 - y0) + y0,
-                             t[..., 2:4], cz * (z1 - z0) + z0, t[..., 5:10]], -1)   # metric centres
+            box, new_ref = refine_boxes(self.reg_branches[lid](x), ref, cfg.pc_range)
             outs.append({'query': x, 'ref': ref, 'cls': self.cls_branches[lid](x), 'box': box,
                          'loc': loc, 'attn': aw, 'value_proj': layer.cross_attn.value_proj})
-            ref = torch.cat([cxy, cz], -1).detach()                              # iterative refinement
+            ref = new_ref.detach()                                               # iterative refinement
         return outs
 
     # ---- one frame, the temporal queue, the forward ------------------------------------------
@@ -812,11 +824,12 @@ class BEVFormer(nn.Module):
         """Focal classification + weighted L1 regression on every decoder layer, each with its own
         Hungarian matching (architecture.md 2.11). Returns {loss_cls_i, loss_bbox_i} scalars."""
         cfg = self.cfg
-        gt_boxes = [g.to(out['bev'].device).float() for g in batch['gt_boxes']]
-        gt_labels = [g.to(out['bev'].device).long() for g in batch['gt_labels']]
-        avg = _num_pos_average(sum(int(g.shape[0]) for g in gt_boxes), out['bev'].device)
+        like = out['dec'][-1]['cls']                     # not out['bev']: DETR3D shares this loss
+        gt_boxes = [g.to(like.device).float() for g in batch['gt_boxes']]
+        gt_labels = [g.to(like.device).long() for g in batch['gt_labels']]
+        avg = _num_pos_average(sum(int(g.shape[0]) for g in gt_boxes), like.device)
         targets = [encode_boxes(g) for g in gt_boxes]
-        code_w = out['bev'].new_tensor(cfg.code_weights)
+        code_w = like.new_tensor(cfg.code_weights)
         weights = dict(cls_weight=cfg.cls_weight, reg_weight=cfg.bbox_weight,
                        alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
         losses = {}
@@ -1189,14 +1202,20 @@ def count_flops(model, batch):
     from torch.utils.flop_counter import FlopCounterMode
     global _FLOP_COUNT
     was_training = model.training
+    # FlopCounterMode's module tracker trips over no-grad views of parameters that require grad
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     _FLOP_COUNT = [0]
     try:
+        for p, _ in flags:
+            p.requires_grad_(False)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(batch)
         msda_macs = _FLOP_COUNT[0]
     finally:
         _FLOP_COUNT = None
+        for p, f in flags:
+            p.requires_grad_(f)
         model.train(was_training)
     gmacs = counter.get_total_flops() / 2e9 + msda_macs / 1e9
     return {'gmacs': gmacs, 'gflops': 2 * gmacs, 'msda_gmacs': msda_macs / 1e9}
