@@ -1,7 +1,7 @@
 """Benchmark of multi-scale deformable attention at the three BEVFormer sites.
 
     python -m ops.bench [--device cpu|cuda] [--runs 5] [--sites tsa,decoder,sca] [--dtype float32]
-                        [--threads N]
+                        [--threads N] [--clock wall|cpu]
 
 For each site and variant: median time of `--runs` runs after a warm-up, forward (no grad) and
 forward+backward (grads of value, locations and weights), and the peak memory each needs beyond its
@@ -13,6 +13,7 @@ and no more memory; on CUDA the kernel is >= 5x faster than the fallback (forwar
 spatial cross-attention) and needs less memory.
 """
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -85,6 +86,19 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """The profiler's C++ side prints start/stop lines on file descriptor 2: hide them."""
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_bytes(fn, inputs, grad_out, backward, device):
     """Peak memory allocated during one call beyond what existed before it (inputs)."""
     if device.type == "cuda":
@@ -97,7 +111,7 @@ def peak_bytes(fn, inputs, grad_out, backward, device):
         return torch.cuda.max_memory_allocated(device) - before
     # CPU: replay the profiler's allocation/free events in time order and keep the maximum
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = run_once(fn, inputs, grad_out, backward)
         del result
     events = [e for e in prof.profiler.kineto_results.events()
@@ -109,7 +123,7 @@ def peak_bytes(fn, inputs, grad_out, backward, device):
     return peak
 
 
-def bench_site(variants, inputs, grad_out, runs, device):
+def bench_site(variants, inputs, grad_out, runs, device, clock=time.perf_counter):
     """{variant: dict(fwd=ms, fwdbwd=ms, mem_fwd=bytes, mem_fwdbwd=bytes)}, medians of `runs`."""
     times = {name: {"fwd": [], "fwdbwd": []} for name in variants}
     for name, fn in variants.items():  # warm-up (and a lazy build, if any)
@@ -118,10 +132,10 @@ def bench_site(variants, inputs, grad_out, runs, device):
         for name, fn in variants.items():
             for key, backward in (("fwd", False), ("fwdbwd", True)):
                 sync(device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 result = run_once(fn, inputs, grad_out, backward)
                 sync(device)
-                times[name][key].append(time.perf_counter() - t0)
+                times[name][key].append(clock() - t0)
                 del result
     stats = {}
     for name, fn in variants.items():
@@ -142,8 +156,9 @@ def describe_machine(device):
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} with {threads} "
+            f"thread{'s' if threads > 1 else ''}")
 
 
 def main(argv=None):
@@ -156,6 +171,9 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="wall-clock time, or the process's CPU time (all threads; steadier "
+                             "than wall time on a busy shared CPU machine; ignored on CUDA)")
     args = parser.parse_args(argv)
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     unknown = [s for s in sites if s not in SITES]
@@ -169,6 +187,9 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        args.clock = "wall"
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
 
     variants = {"grid_sample (mmcv, BASELINE)": grid_sample_baseline,
                 "fallback (ours)": msda.ms_deform_attn_pytorch}
@@ -184,8 +205,8 @@ def main(argv=None):
                       f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")
 
     print(f"ops.bench on {device.type}: {describe_machine(device)}")
-    print(f"{args.dtype}, median of {args.runs} runs after a warm-up; peak memory = most allocated "
-          f"beyond the inputs during one call")
+    print(f"{args.dtype}, {args.clock} time, median of {args.runs} runs after a warm-up; peak "
+          f"memory = most allocated beyond the inputs during one call")
     header = (f"{'site':<42}{'variant':<30}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MiB fwd':>14}"
               f"{'peak MiB f+b':>14}{'time x base':>13}{'mem x base':>12}")
     print(header)
@@ -197,7 +218,7 @@ def main(argv=None):
         with torch.no_grad():  # every variant computes the same thing
             ref = grid_sample_baseline(*inputs)
             diffs = {n: (fn(*inputs) - ref).abs().max().item() for n, fn in variants.items()}
-        stats = bench_site(variants, inputs, grad_out, args.runs, device)
+        stats = bench_site(variants, inputs, grad_out, args.runs, device, clock)
         base = stats["grid_sample (mmcv, BASELINE)"]
         for i, (name, s) in enumerate(stats.items()):
             label = f"{site}: {desc}" if i == 0 else (f"  B={B} Q={Q} P={P} L={len(levels)}"
