@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bevformer
+from data import InputError
 from ops import ms_deform_attn
 
 PC_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)  # x_min, y_min, z_min, x_max, y_max, z_max (metres)
@@ -149,16 +151,6 @@ def random_focal_mask(area, ratio):
     return area * (torch.rand_like(area) < ratio).to(area.dtype)
 
 
-def area_to_grid(area, hw):
-    """An expert-grid area [B, H, W] on another grid [B, h, w]: max-pooled (a coarse cell is in the area
-    when any expert cell under it is), nearest when the other grid is finer."""
-    if tuple(area.shape[-2:]) == tuple(hw):
-        return area
-    if hw[0] <= area.shape[-2] and hw[1] <= area.shape[-1]:
-        return F.adaptive_max_pool2d(area[:, None], hw)[:, 0]
-    return F.interpolate(area[:, None], size=hw, mode='nearest')[:, 0]
-
-
 # ----------------------------------------------------------------------------------------------------
 # 3. Training-only modules: generator, BEV upsampler, adapters (never part of the saved apprentice)
 # ----------------------------------------------------------------------------------------------------
@@ -206,28 +198,55 @@ def adapter(c_in, c_out):
     return nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
 
-def resize_to(x, hw):
-    """Bilinear resize of an apprentice map [B, C, h, w] to the expert's size (a no-op if equal)."""
-    if tuple(x.shape[-2:]) == tuple(hw):
-        return x
-    return F.interpolate(x, size=tuple(hw), mode='bilinear', align_corners=False)
+def align_pv(x, out_hw, in_pad_hw, out_pad_hw, scale_xy):
+    """An apprentice FPN map x [B', C, h, w] on the grid of the paired expert level -> [B', C, H, W].
+
+    The apprentice's image is the expert's content scaled by scale_xy = (sx, sy) and padded to
+    in_pad_hw; the expert's is padded to out_pad_hw. Each expert cell's centre is mapped into the
+    apprentice's map and sampled bilinearly (zeros outside). Padding differs between the two images
+    (e.g. 450 -> 480 rows at half size, 900 -> 928 at full), so equal strides give an exact crop,
+    not a resize; identical geometry returns x itself.
+    """
+    H, W = out_hw
+    h, w = x.shape[-2:]
+    sx, sy = scale_xy
+    xs = (torch.arange(W, device=x.device, dtype=x.dtype) + 0.5) * (out_pad_hw[1] / W) * sx  # apprentice px
+    ys = (torch.arange(H, device=x.device, dtype=x.dtype) + 0.5) * (out_pad_hw[0] / H) * sy
+    gx, gy = 2 * xs / in_pad_hw[1] - 1, 2 * ys / in_pad_hw[0] - 1  # grid_sample coordinates
+    if (h, w) == (H, W):
+        own_x = 2 * (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w - 1
+        own_y = 2 * (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h - 1
+        if torch.allclose(gx, own_x, atol=1e-6) and torch.allclose(gy, own_y, atol=1e-6):
+            return x
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing='ij')[::-1], -1)  # [H, W, 2] as (x, y)
+    return F.grid_sample(x, grid[None].expand(x.shape[0], -1, -1, -1), mode='bilinear',
+                         padding_mode='zeros', align_corners=False)
 
 
 # ----------------------------------------------------------------------------------------------------
 # 4. Losses
 # ----------------------------------------------------------------------------------------------------
 
-def masked_generation(f_a, area_e, adapt, upsample, generate, mask_ratio):
+def masked_generation(f_a, area_a, adapt, upsample, generate, mask_ratio, out_hw):
     """Masked feature generation (paper Fig. 2 "Generator"): F^ = G(U(adapt(F_A) * (1 - P))).
 
-    f_a [B, Ca, h, w] apprentice map; area_e [B, H, W] focal area on the expert's grid. The random mask
-    P is drawn on the apprentice's own grid (the area max-pooled to it) and applied before the
-    upsampler, so the generator must rebuild the masked cells from their context. -> [B, C, H, W].
+    f_a [B, Ca, h, w] apprentice map; area_a [B, h, w] the focal area rasterised on the apprentice's
+    own grid. The random mask P is drawn there and applied before the upsampler U (to the expert's
+    grid out_hw), so the generator G must rebuild the masked cells from their context -> [B, C, H, W].
     """
     x = adapt(f_a)
-    p = random_focal_mask(area_to_grid(area_e, x.shape[-2:]), mask_ratio)  # [B, h, w]
+    p = random_focal_mask(area_a, mask_ratio)  # [B, h, w]
     x = x * (1 - p[:, None])
-    return generate(upsample(x, area_e.shape[-2:]))
+    return generate(upsample(x, out_hw))
+
+
+def standardise(f):
+    """Per-channel standardisation over batch and space of an expert map [B', C, h, w] (the released code
+    base's `fpn_feats_norm='bn'`: BatchNorm without affine or running statistics, on the expert only).
+    FPN features have no normalisation layer, so their scale depends on the backbone's training (about
+    1e4 per element squared for a randomly initialised ResNet with frozen BN statistics, O(1) for a
+    pretrained one); standardising makes one loss weight fit every expert. The generator learns the scale."""
+    return F.batch_norm(f, None, None, training=True, eps=1e-5)
 
 
 def gen_loss(f_hat, f_e, area, bg_weight=0.0):
@@ -335,3 +354,301 @@ def cwd_loss(f_a, f_e, tau=2.0):
     log_p_e = F.log_softmax(f_e.flatten(2) / tau, -1)
     kl = (log_p_e.exp() * (log_p_e - log_p_a)).sum(-1)  # [B', C]
     return tau ** 2 * kl.mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Aligned queries: the expert's own decoder is the frozen "distillation head" (specs/fd3d.md 1)
+# ----------------------------------------------------------------------------------------------------
+
+def select_queries(cls, box, gt_boxes, gt_labels, how='matched+confident', score=0.3, **match_weights):
+    """Which expert queries teach: cls [B, Q, 10] logits and box [B, Q, 10] code of the expert's last
+    decoder layer, GT lists -> sel [B, Q] bool.
+
+    `matched`: assigned to a GT box by the Hungarian matcher (the detection loss's cost); `confident`:
+    max class probability >= score. The default union trusts an imperfect expert only where it agrees
+    with the ground truth or is sure of itself.
+    """
+    B, Q, _ = cls.shape
+    sel = torch.zeros(B, Q, dtype=torch.bool, device=cls.device)
+    if 'matched' in how.split('+'):
+        for b in range(B):
+            pred_idx, _ = bevformer.hungarian_match(cls[b], box[b], gt_boxes[b], gt_labels[b], **match_weights)
+            sel[b, pred_idx] = True
+    if 'confident' in how.split('+'):
+        sel |= cls.sigmoid().amax(-1) >= score
+    return sel
+
+
+def predicted_boxes(box_code, max_size=60.0):
+    """Decoded boxes [K, 9] of selected queries; sizes clamped so that a wild early prediction cannot
+    cover the whole map (exp of a large log-size)."""
+    boxes = bevformer.decode_boxes(box_code.float())
+    boxes[:, 3:6] = torch.nan_to_num(boxes[:, 3:6], nan=0.0, posinf=max_size).clamp(0, max_size)
+    return boxes
+
+
+def init_head_from_expert(apprentice, expert):
+    """Copy the expert's decoder, heads, object queries and reference points into the apprentice where
+    names and shapes agree (the released code tried this and then overwrote it; here it is a choice,
+    `--init-head-from-expert`, applied in every mode so comparisons stay fair). Returns the count."""
+    prefixes = ('decoder.', 'cls_branches.', 'reg_branches.', 'query_embedding.', 'reference_points.')
+    src, dst = expert.state_dict(), apprentice.state_dict()
+    copied = {k: src[k] for k in dst if k.startswith(prefixes) and k in src and src[k].shape == dst[k].shape}
+    apprentice.load_state_dict(copied, strict=False)
+    return len(copied)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Inputs: the loader reads at the expert's resolution; the apprentice gets an anti-aliased downscale
+# ----------------------------------------------------------------------------------------------------
+
+def rescale_frame(frame, cfg):
+    """A frame (img [..., N, 3, Hp, Wp], img_shape, lidar2img [..., N, 4, 4]) at one resolution -> the
+    same frame at cfg.image_size: content resized (anti-aliased bilinear), padded as the preset pads,
+    lidar2img left-multiplied by diag(sx, sy, 1, 1) (bevformer.prepare_images). Other keys are shared."""
+    img, l2i = frame['img'], frame['lidar2img']
+    lead, N = img.shape[:-4], img.shape[-4]
+    shape = torch.as_tensor(frame['img_shape']).reshape(-1, 2)
+    if not bool((shape == shape[0]).all()):
+        raise ValueError('distill: every image of a batch must have the same content size')
+    H, W = int(shape[0, 0]), int(shape[0, 1])
+    content = img[..., :H, :W].reshape(-1, 3, H, W).float()  # [B*N (*T), 3, H, W]
+    new_img, new_l2i, (h, w) = bevformer.prepare_images(content, l2i.reshape(-1, 4, 4).float(), cfg)
+    out = dict(frame)
+    out['img'] = new_img.view(*lead, N, 3, *new_img.shape[-2:])
+    out['lidar2img'] = new_l2i.view(*lead, N, 4, 4)
+    out['img_shape'] = torch.tensor([h, w], device=img.device).expand(*lead, 2).clone()
+    return out
+
+
+def inputs_for(batch, cfg, frames=None):
+    """The batch as one model consumes it: its resolution, its own history length (the loader serves the
+    longer queue of the two models; the last queue_length - 1 history frames are kept)."""
+    out = rescale_frame(batch, cfg)
+    keep = cfg.queue_length - 1 if frames is None else frames
+    hist = batch.get('history')
+    out.pop('history', None)
+    out.pop('history_valid', None)
+    if keep > 0 and hist:
+        if isinstance(hist, dict):  # data.collate's layout: [B, T-1, ...] tensors
+            T = hist['img'].shape[1]
+            hist = {k: (v[:, max(0, T - keep):] if torch.is_tensor(v) and v.dim() >= 2 else v)
+                    for k, v in hist.items()}
+            out['history'] = rescale_frame(hist, cfg)
+        else:  # a list of frame dicts, oldest first
+            out['history'] = [rescale_frame(f, cfg) for f in hist[-keep:]]
+        if batch.get('history_valid') is not None:
+            valid = torch.as_tensor(batch['history_valid'])
+            out['history_valid'] = valid[:, max(0, valid.shape[1] - keep):]
+    return out
+
+
+def model_inputs(batch, cfg_e, cfg_a, expert_input='native'):
+    """(batch for the expert, batch for the apprentice) from one loaded batch.
+
+    'native' (ours): the expert sees the loader's full-resolution images. 'upsampled' reproduces the
+    released code, where the expert saw the apprentice's images upsampled (specs/fd3d-evidence.md 1.3).
+    """
+    batch_a = inputs_for(batch, cfg_a)
+    if expert_input == 'upsampled':
+        longest = max(cfg_e.queue_length, cfg_a.queue_length) - 1
+        return inputs_for(inputs_for(batch, cfg_a, longest), cfg_e), batch_a
+    return inputs_for(batch, cfg_e), batch_a
+
+
+def pair_levels(a_strides, e_strides):
+    """For each apprentice FPN level, the expert level with the closest stride in expert pixels
+    (equal by construction for the paper's pairs: A strides 4..32 at half size = E 8..64 at full)."""
+    return [min(range(len(e_strides)), key=lambda j: abs(math.log(e_strides[j] / s))) for s in a_strides]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. The Distiller
+# ----------------------------------------------------------------------------------------------------
+
+MODES = ('fd3d', 'heatmap', 'fitnet', 'mgd', 'none')
+PARTS = ('pv', 'bev', 'focal')
+SELECTIONS = ('matched', 'confident', 'matched+confident')
+
+# Loss weights (see the README's "Paper notes" for how they were chosen): each term starts within an
+# order of magnitude of the apprentice's detection loss.
+W_PV, W_BEV, W_FOCAL, W_FITNET = 1.0, 1.0, 1.0, 1.0
+W_HEATMAP, W_CWD, CWD_TAU = 0.1, 0.25, 2.0  # the released baseline's values
+
+
+class Distiller(nn.Module):
+    """The frozen expert E, the apprentice A and the training-only modules; forward(batch) -> loss dict.
+
+    batch: a collated batch at the EXPERT's resolution with the longer history of the two models.
+    Returns A's detection losses plus the weighted distillation terms (their sum is the total):
+      fd3d:    kd_pv_<l> (masked generation per apprentice FPN level), kd_bev (masked generation in
+               BEV), kd_focal (focal distillation at the expert queries' sampling points)
+      mgd:     kd_pv_<l>, kd_bev with the random mask over the whole map
+      fitnet:  kd_fitnet;   heatmap: kd_heatmap (BEV), kd_cwd_<l> (FPN levels);   none: nothing
+    `distiller.apprentice` is the plain detector (saved as the checkpoint's `model`); `distiller.kd`
+    holds the generators, upsampler and adapters (saved under `distiller`); the expert has its own file.
+    """
+
+    def __init__(self, expert, apprentice, mode='fd3d', parts=PARTS, select='matched+confident', score=0.3,
+                 box_scale=1.2, mask_ratio=0.65, areas='pred', bg_weight=0.0, w_pv=W_PV, w_bev=W_BEV,
+                 w_focal=W_FOCAL, w_fitnet=W_FITNET, w_heatmap=W_HEATMAP, w_cwd=W_CWD, cwd_tau=CWD_TAU,
+                 pv_norm='bn', expert_input='native', init_head=False):
+        super().__init__()
+        ce, ca = expert.cfg, apprentice.cfg
+        parts = tuple(p for p in parts.split(',') if p) if isinstance(parts, str) else tuple(parts)
+        checks = [
+            (mode in MODES, f'--distill {mode}: expected one of {", ".join(MODES)}'),
+            (set(parts) <= set(PARTS), f'--fd3d-parts {",".join(parts)}: expected a subset of {",".join(PARTS)}'),
+            (select in SELECTIONS, f'--fd3d-select {select}: expected one of {", ".join(SELECTIONS)}'),
+            (areas in ('pred', 'gt'), f"--fd3d-areas {areas}: expected 'pred' or 'gt'"),
+            (0 <= mask_ratio <= 1, f'--fd3d-mask-ratio {mask_ratio}: expected a value in [0, 1]'),
+            (box_scale > 0, f'--fd3d-box-scale {box_scale}: expected a positive number'),
+            (pv_norm in ('bn', 'none'), f"--fd3d-pv-norm {pv_norm}: expected 'bn' or 'none'"),
+            (expert_input in ('native', 'upsampled'), f"--kd-expert-input {expert_input}: expected 'native' or 'upsampled'"),
+            (ce.detector == ca.detector,
+             f'--teacher: a {ce.detector} expert ({ce.name}) cannot teach a {ca.detector} apprentice ({ca.name}); '
+             'FD3D distils within one detector family'),
+            (tuple(ce.pc_range) == tuple(ca.pc_range),
+             f'--teacher: expert {ce.name} and apprentice {ca.name} must share pc_range '
+             f'({tuple(ce.pc_range)} vs {tuple(ca.pc_range)})'),
+            (ce.num_classes == ca.num_classes, f'--teacher: expert {ce.name} has {ce.num_classes} classes, '
+                                               f'apprentice {ca.name} {ca.num_classes}'),
+            (ce.detector == 'bevformer' or mode == 'none',
+             f'--distill {mode}: distilling {ce.detector} needs BEV features; only --distill none is available'),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise InputError(msg)
+        self.expert, self.apprentice = expert, apprentice
+        self.mode, self.parts, self.select, self.score = mode, parts, select, score
+        self.box_scale, self.mask_ratio, self.areas, self.bg_weight = box_scale, mask_ratio, areas, bg_weight
+        self.w = dict(pv=w_pv, bev=w_bev, focal=w_focal, fitnet=w_fitnet, heatmap=w_heatmap, cwd=w_cwd)
+        self.cwd_tau, self.pv_norm, self.expert_input = cwd_tau, pv_norm, expert_input
+        for p in expert.parameters():  # frozen: no gradient, never in the optimiser
+            p.requires_grad_(False)
+        expert.eval()
+        if init_head:
+            init_head_from_expert(apprentice, expert)
+
+        # training-only modules, only those the mode uses (DDP wants every parameter used)
+        fd3d_bev = mode == 'fd3d' and ('bev' in parts or 'focal' in parts)
+        fd3d_pv = mode == 'fd3d' and 'pv' in parts
+        C_e, C_a = ce.embed_dims, ca.embed_dims
+        hw_e, hw_a = (ce.bev_h, ce.bev_w), (ca.bev_h, ca.bev_w)
+        self.kd = nn.ModuleDict()
+        if fd3d_bev or mode in ('mgd', 'fitnet', 'heatmap'):
+            self.kd['bev_adapter'] = adapter(C_a, C_e)
+            self.kd['bev_up'] = BEVUpsampler(C_e, hw_a, hw_e)
+        if fd3d_bev or mode == 'mgd':
+            self.kd['bev_gen'] = Generator(C_e)
+        if fd3d_pv or mode in ('mgd', 'heatmap'):
+            self.kd['pv_adapters'] = nn.ModuleList(adapter(C_a, C_e) for _ in range(ca.fpn_levels))
+        if fd3d_pv or mode == 'mgd':
+            self.kd['pv_gens'] = nn.ModuleList(Generator(C_e) for _ in range(ca.fpn_levels))
+
+    def train(self, mode=True):
+        """The expert stays in eval mode for every frame (no GridMask, no dropout in the teacher)."""
+        super().train(mode)
+        self.expert.eval()
+        return self
+
+    # ---- the expert's view: aligned queries and their boxes ----------------------------------------
+    @torch.no_grad()
+    def focal_queries(self, out_e, batch):
+        """-> (sel [B, Q] bool, boxes: list per sample of [K, 9]) from the expert's last decoder layer."""
+        last, ce = out_e['dec'][-1], self.expert.cfg
+        gt_boxes = [g.to(last['cls'].device).float() for g in batch['gt_boxes']]
+        gt_labels = [g.to(last['cls'].device).long() for g in batch['gt_labels']]
+        sel = select_queries(last['cls'], last['box'], gt_boxes, gt_labels, self.select, self.score,
+                             cls_weight=ce.cls_weight, reg_weight=ce.bbox_weight, alpha=ce.focal_alpha,
+                             gamma=ce.focal_gamma)
+        if self.areas == 'gt':
+            return sel, gt_boxes
+        return sel, [predicted_boxes(last['box'][b][sel[b]]) for b in range(sel.shape[0])]
+
+    def bev_areas(self, boxes, hw, like):
+        """Focal areas [B, H, W] on a BEV grid of size hw (boxes None: the whole map, for MGD)."""
+        if boxes is None:
+            return torch.ones(like.shape[0], *hw, device=like.device)
+        return torch.stack([bev_focal_area(b.to(like.device), hw, self.expert.cfg.pc_range, self.box_scale)
+                            for b in boxes])
+
+    def pv_areas(self, boxes, batch, level_hw):
+        """Focal areas per FPN level, each [B, N, h, w] (None boxes: the whole map)."""
+        l2i, pad = batch['lidar2img'], tuple(batch['img'].shape[-2:])
+        B, N = l2i.shape[:2]
+        if boxes is None:
+            return [torch.ones(B, N, h, w, device=l2i.device) for h, w in level_hw]
+        per_sample = [pv_focal_areas(b, l2i[i], pad, level_hw, self.box_scale) for i, b in enumerate(boxes)]
+        return [torch.stack([s[lvl] for s in per_sample]) for lvl in range(len(level_hw))]
+
+    # ---- the distillation terms -------------------------------------------------------------------
+    def pv_terms(self, out_e, out_a, batch_e, batch_a, boxes, generate):
+        """Per apprentice FPN level: masked generation (fd3d, mgd) or channel-wise distillation
+        (heatmap), against the expert level of the same stride."""
+        pad_e, pad_a = tuple(batch_e['img'].shape[-2:]), tuple(batch_a['img'].shape[-2:])
+        se = torch.as_tensor(batch_e['img_shape']).reshape(-1, 2)[0].tolist()
+        sa = torch.as_tensor(batch_a['img_shape']).reshape(-1, 2)[0].tolist()
+        scale = (sa[1] / se[1], sa[0] / se[0])  # (sx, sy): apprentice pixels per expert pixel
+        hw_a = [tuple(f.shape[-2:]) for f in out_a['fpn']]
+        hw_e = [tuple(f.shape[-2:]) for f in out_e['fpn']]
+        pairs = pair_levels([pad_a[1] / w / scale[0] for _, w in hw_a], [pad_e[1] / w for _, w in hw_e])
+        if generate:
+            area_a, area_e = self.pv_areas(boxes, batch_a, hw_a), self.pv_areas(boxes, batch_e, hw_e)
+        terms = {}
+        for i, (f_a, j) in enumerate(zip(out_a['fpn'], pairs)):
+            f_e = out_e['fpn'][j].flatten(0, 1)  # [B*N, C, h, w]
+            align = lambda x, hw: align_pv(x, hw, pad_a, pad_e, scale)  # noqa: E731
+            if generate:
+                if self.pv_norm == 'bn':  # the expert's map standardised per channel (see `standardise`)
+                    f_e = standardise(f_e)
+                f_hat = masked_generation(f_a.flatten(0, 1), area_a[i].flatten(0, 1), self.kd['pv_adapters'][i],
+                                          align, self.kd['pv_gens'][i], self.mask_ratio, f_e.shape[-2:])
+                terms[f'kd_pv_{i}'] = self.w['pv'] * gen_loss(f_hat, f_e, area_e[j].flatten(0, 1), self.bg_weight)
+            else:
+                f_a = align(self.kd['pv_adapters'][i](f_a.flatten(0, 1)), f_e.shape[-2:])
+                terms[f'kd_cwd_{i}'] = self.w['cwd'] * cwd_loss(f_a, f_e, self.cwd_tau)
+        return terms
+
+    def distill_losses(self, out_e, out_a, batch_e, batch_a):
+        """The weighted distillation terms of the mode (a dict of scalars)."""
+        kd, terms = self.kd, {}
+        bev_e, bev_a = out_e['bev'], out_a['bev']
+        hw_e, hw_a = tuple(bev_e.shape[-2:]), tuple(bev_a.shape[-2:])
+        if self.mode in ('fd3d', 'mgd'):
+            # fd3d: areas from the selected expert queries (or GT); mgd: the whole map
+            sel, boxes = self.focal_queries(out_e, batch_e) if self.mode == 'fd3d' else (None, None)
+            parts = self.parts if self.mode == 'fd3d' else ('pv', 'bev')
+            if 'bev' in parts or 'focal' in parts:
+                area_e = self.bev_areas(boxes, hw_e, bev_e)
+                f_hat = masked_generation(bev_a, self.bev_areas(boxes, hw_a, bev_e), kd['bev_adapter'],
+                                          kd['bev_up'], kd['bev_gen'], self.mask_ratio, hw_e)  # [B, C, He, We]
+                if 'bev' in parts:
+                    terms['kd_bev'] = self.w['bev'] * gen_loss(f_hat, bev_e, area_e, self.bg_weight)
+                if 'focal' in parts:
+                    terms['kd_focal'] = self.w['focal'] * focal_loss(f_hat, bev_e, out_e['dec'], sel)
+            if 'pv' in parts:
+                terms.update(self.pv_terms(out_e, out_a, batch_e, batch_a, boxes, generate=True))
+        elif self.mode == 'fitnet':
+            up = kd['bev_up'](kd['bev_adapter'](bev_a), hw_e)
+            terms['kd_fitnet'] = self.w['fitnet'] * fitnet_loss(up, bev_e)
+        elif self.mode == 'heatmap':
+            heat = torch.stack([gaussian_heatmap(g.to(bev_e.device).float(), hw_e,
+                                                  self.expert.cfg.pc_range) for g in batch_e['gt_boxes']])
+            up = kd['bev_up'](kd['bev_adapter'](bev_a), hw_e)
+            terms['kd_heatmap'] = self.w['heatmap'] * heatmap_bev_loss(up, bev_e, heat)
+            terms.update(self.pv_terms(out_e, out_a, batch_e, batch_a, None, generate=False))
+        return terms
+
+    def forward(self, batch):
+        """A collated batch at the expert's resolution -> dict of scalar losses (sum = total)."""
+        batch_e, batch_a = model_inputs(batch, self.expert.cfg, self.apprentice.cfg, self.expert_input)
+        out_a = self.apprentice(batch_a)
+        losses = dict(self.apprentice.loss(out_a, batch_a))
+        if self.mode == 'none':
+            return losses
+        self.expert.eval()
+        with torch.no_grad():
+            out_e = self.expert(batch_e)
+        losses.update(self.distill_losses(out_e, out_a, batch_e, batch_a))
+        return losses

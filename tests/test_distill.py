@@ -129,8 +129,19 @@ def test_mask_ratio_and_pooling():
     assert p[area == 0].sum() == 0  # only inside the focal area
     assert abs(p[area == 1].mean().item() - 0.65) < 0.01
     assert distill.random_focal_mask(area, 0.0).sum() == 0
-    pooled = distill.area_to_grid(area, (50, 50))  # expert 100x100 -> apprentice 50x50
-    assert pooled.shape == (4, 50, 50) and pooled[0, 10:40, 5:45].min() == 1 and pooled[0, :9].sum() == 0
+
+
+def test_align_pv_is_identity_crop_or_resample():
+    x = torch.randn(3, 4, 16, 28)
+    # the same geometry: unchanged
+    assert distill.align_pv(x, (16, 28), (128, 224), (128, 224), (1.0, 1.0)) is x
+    # apprentice stride 8 at half size vs expert stride 16 at full size, different padding: a crop
+    y = distill.align_pv(x, (16, 26), (128, 224), (256, 416), (0.5, 0.5))
+    torch.testing.assert_close(y, x[..., :26])
+    # an expert grid wider than the apprentice's image: zeros beyond it
+    z = distill.align_pv(x, (16, 30), (128, 224), (256, 480), (0.5, 0.5))
+    torch.testing.assert_close(z[..., :28], x)
+    assert z[..., 28:].abs().sum() == 0
 
 
 @pytest.mark.parametrize('in_hw,out_hw', [((25, 25), (50, 50)), ((25, 25), (100, 100)),
@@ -146,7 +157,8 @@ def test_upsampler_and_generator_shapes(in_hw, out_hw):
 
 
 def identity_generation(f_a, area, ratio=0.0):
-    return distill.masked_generation(f_a, area, nn.Identity(), lambda x, hw: x, nn.Identity(), ratio)
+    return distill.masked_generation(f_a, area, nn.Identity(), lambda x, hw: x, nn.Identity(), ratio,
+                                     area.shape[-2:])
 
 
 def test_generation_loss_zero_at_equality_positive_otherwise():
@@ -241,3 +253,197 @@ def test_gaussian_heatmap_peaks_at_centres():
     assert heat.max() == 1 and (heat > 0).float().mean() < 0.05
     outside = torch.tensor([[60.0, 0, 0, 2, 4, 1.5, 0, 0, 0]])
     assert distill.gaussian_heatmap(outside, hw, PC).sum() == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Distiller on real models: cpu-base (expert) -> cpu-tiny (apprentice), random weights, shrunk
+# (smaller images, BEV, queries and layers) so that every mode runs in about a second per iteration.
+# ----------------------------------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import types  # noqa: E402
+
+import bevformer  # noqa: E402
+from data import InputError  # noqa: E402
+
+SMALL = dict(num_query=20, dec_layers=2, enc_layers=1, queue_length=2)
+
+
+def small_pair(seed=0):
+    torch.manual_seed(seed)
+    ec = bevformer.get_config('cpu-base', image_size=(160, 90), bev_h=16, bev_w=16, **SMALL)
+    ac = bevformer.get_config('cpu-tiny', image_size=(80, 45), bev_h=8, bev_w=8, **SMALL)
+    return bevformer.BEVFormer(ec), bevformer.BEVFormer(ac)
+
+
+def test_apprentice_inputs_are_a_consistent_downscale():
+    expert, apprentice = small_pair()
+    ec, ac = expert.cfg, apprentice.cfg
+    batch = bevformer.example_batch(dataclasses.replace(ec, queue_length=3), batch_size=1, num_gt=4)
+    be, ba = distill.model_inputs(batch, ec, ac)
+    assert tuple(ba['img'].shape[-2:]) == tuple(ac.padded_size)[::-1]
+    assert ba['img_shape'].tolist() == [[45, 80]] and be['img_shape'].tolist() == [[90, 160]]
+    # lidar2img of the apprentice maps a 3D point to the expert's pixel scaled by the resize
+    pt = torch.tensor([3.0, 20.0, 0.5, 1.0])
+    pe, pa = be['lidar2img'][0, 0] @ pt, ba['lidar2img'][0, 0] @ pt
+    torch.testing.assert_close(pa[:2] / pa[2], pe[:2] / pe[2] * torch.tensor([0.5, 0.5]))
+    # anti-aliased: a checkerboard at the expert's resolution averages out, no aliasing
+    board = ((torch.arange(90)[:, None] + torch.arange(160)[None]) % 2 * 255.0)
+    batch['img'][..., :90, :160] = board
+    _, ba = distill.model_inputs(batch, ec, ac)
+    assert (ba['img'][0, 0, 0, 2:43, 2:78] - 127.5).abs().max() < 20
+    assert ba['img'][..., 45:, :].abs().sum() == 0 and ba['img'][..., 80:].abs().sum() == 0  # zero padding
+    # each model keeps its own history length (the loader served 2 frames; both models use 1)
+    assert batch['history']['img'].shape[1] == 2
+    assert be['history']['img'].shape[1] == 1 and ba['history']['img'].shape[1] == 1
+    torch.testing.assert_close(be['history']['can_bus'], batch['history']['can_bus'][:, 1:])
+    assert ba['history_valid'].shape == (1, 1)
+
+
+def test_no_gradient_reaches_expert_and_saved_apprentice_is_plain():
+    expert, apprentice = small_pair()
+    before = {k: v.clone() for k, v in expert.state_dict().items()}
+    d = distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d').train()
+    assert not expert.training and apprentice.training
+    batch = bevformer.example_batch(expert.cfg, batch_size=1, num_gt=5)
+    losses = d(batch)
+    assert {'kd_pv_0', 'kd_pv_1', 'kd_bev', 'kd_focal'} <= set(losses)
+    sum(losses.values()).backward()
+    assert all(p.grad is None and not p.requires_grad for p in expert.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in expert.state_dict().items())  # BN statistics too
+    assert all(p.grad is not None for p in d.kd.parameters())  # generators, upsampler trained
+    # the apprentice's state dict is exactly a plain cpu-tiny's: no distillation module inside
+    plain = bevformer.BEVFormer(apprentice.cfg).state_dict()
+    saved = apprentice.state_dict()
+    assert set(saved) == set(plain) and all(saved[k].shape == plain[k].shape for k in plain)
+    bevformer.BEVFormer(apprentice.cfg).load_state_dict(saved)  # strict
+    kd_ids = {id(p) for p in d.kd.parameters()}
+    assert kd_ids and not kd_ids & {id(p) for p in apprentice.parameters()}
+    assert set(d.kd.state_dict()) and all(k.split('.')[0] in ('bev_adapter', 'bev_up', 'bev_gen', 'pv_adapters',
+                                                              'pv_gens') for k in d.kd.state_dict())
+
+
+def test_focal_term_reads_the_expert_decoders_own_sampling():
+    """s_E computed from out['bev'], loc, attn and value_proj equals what the expert's decoder itself
+    aggregated before output_proj (so the BEV token order and the op call match the model's)."""
+    expert, _ = small_pair()
+    expert.eval()
+    seen = []
+    hooks = [layer.cross_attn.output_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+             for layer in expert.decoder.layers]
+    with torch.no_grad():
+        out = expert(bevformer.example_batch(expert.cfg, batch_size=1, history=False))
+    for h in hooks:
+        h.remove()
+    B, C, H, W = out['bev'].shape
+    for layer, inner in zip(out['dec'], seen):
+        v = layer['value_proj'](out['bev'].flatten(2).transpose(1, 2)).view(B, H * W, expert.cfg.num_heads, -1)
+        s_e = ms_deform_attn(v, torch.tensor([[H, W]]), torch.tensor([0]), layer['loc'], layer['attn'])
+        torch.testing.assert_close(s_e, inner, atol=1e-5, rtol=1e-4)
+
+
+def test_query_selection():
+    torch.manual_seed(0)
+    Q = 20
+    gt = torch.tensor([[5.0, 5.0, 0.0, 2.0, 4.0, 1.5, 0.0, 0.0, 0.0], [-20.0, 10.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0, 0]])
+    labels = torch.tensor([0, 8])
+    cls = torch.full((1, Q, 10), -6.0)
+    box = bevformer.encode_boxes(gt[[0]]).repeat(1, Q, 1) + 30.0  # far from both
+    box[0, 3], box[0, 11] = bevformer.encode_boxes(gt)  # queries 3 and 11 sit on the GT boxes
+    cls[0, 3, 0], cls[0, 11, 8] = 2.0, 2.0
+    cls[0, 7, 4] = 0.5  # confident (p = 0.62) but unmatched
+    m = distill.select_queries(cls, box, [gt], [labels], 'matched')
+    c = distill.select_queries(cls, box, [gt], [labels], 'confident', score=0.3)
+    u = distill.select_queries(cls, box, [gt], [labels], 'matched+confident', score=0.3)
+    assert torch.nonzero(m[0]).flatten().tolist() == [3, 11]
+    assert torch.nonzero(c[0]).flatten().tolist() == [3, 7, 11]
+    assert torch.equal(u, m | c)
+    assert distill.select_queries(cls, box, [gt[:0]], [labels[:0]], 'matched').sum() == 0
+
+
+@pytest.mark.parametrize('mode', distill.MODES)
+def test_smoke_every_mode_trains_a_few_iterations(mode):
+    expert, apprentice = small_pair()
+    frozen = {k: v.clone() for k, v in expert.state_dict().items()}
+    d = distill.Distiller(expert=expert, apprentice=apprentice, mode=mode).train()
+    params = [p for p in d.parameters() if p.requires_grad]
+    trainable = {id(p) for p in apprentice.parameters() if p.requires_grad}  # (its frozen stem excluded)
+    assert {id(p) for p in params} == trainable | {id(p) for p in d.kd.parameters()}
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    kd0 = {k: v.clone() for k, v in d.kd.state_dict().items()}
+    expected = {'fd3d': {'kd_bev', 'kd_focal', 'kd_pv_0', 'kd_pv_1'}, 'mgd': {'kd_bev', 'kd_pv_0', 'kd_pv_1'},
+                'fitnet': {'kd_fitnet'}, 'heatmap': {'kd_heatmap', 'kd_cwd_0', 'kd_cwd_1'}, 'none': set()}[mode]
+    for it in range(2):
+        losses = d(bevformer.example_batch(expert.cfg, batch_size=1, num_gt=5, seed=it))
+        assert {k for k in losses if k.startswith('kd_')} == expected
+        loss = sum(losses.values())
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(v, frozen[k]) for k, v in expert.state_dict().items())
+    if mode != 'none':  # the distillation modules learn
+        assert any(not torch.equal(v, kd0[k]) for k, v in d.kd.state_dict().items() if v.is_floating_point())
+
+
+def test_ablation_flags_select_terms():
+    expert, apprentice = small_pair()
+    batch = bevformer.example_batch(expert.cfg, batch_size=1, num_gt=5)
+    for parts, keys in [('pv', {'kd_pv_0', 'kd_pv_1'}), ('bev,pv', {'kd_bev', 'kd_pv_0', 'kd_pv_1'}),
+                        ('focal', {'kd_focal'})]:
+        d = distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d', parts=parts, areas='gt')
+        assert {k for k in d(batch) if k.startswith('kd_')} == keys
+    assert 'pv_gens' not in distill.Distiller(expert=expert, apprentice=apprentice, parts='bev,focal').kd
+
+
+def test_incompatible_pairs_and_bad_flags_are_refused():
+    expert, apprentice = small_pair()
+    other = nn.Linear(1, 1)
+    other.cfg = types.SimpleNamespace(**{**dataclasses.asdict(expert.cfg), 'detector': 'detr3d', 'name': 'detr3d-x'})
+    with pytest.raises(InputError, match='detr3d expert .* cannot teach a bevformer apprentice'):
+        distill.Distiller(expert=other, apprentice=apprentice)
+    far = bevformer.BEVFormer(dataclasses.replace(apprentice.cfg, pc_range=(-40.0, -40.0, -5.0, 40.0, 40.0, 3.0)))
+    with pytest.raises(InputError, match='pc_range'):
+        distill.Distiller(expert=expert, apprentice=far)
+    for kwargs, flag in [({'mode': 'kd'}, '--distill'), ({'parts': 'pv,heads'}, '--fd3d-parts'),
+                         ({'select': 'topk'}, '--fd3d-select'), ({'mask_ratio': 1.5}, '--fd3d-mask-ratio'),
+                         ({'areas': 'lidar'}, '--fd3d-areas')]:
+        with pytest.raises(InputError, match=flag):
+            distill.Distiller(expert=expert, apprentice=apprentice, **kwargs)
+
+
+class IdentityUp(nn.Module):
+    def forward(self, x, hw):
+        return x
+
+
+@pytest.mark.parametrize('mode', ['fd3d', 'mgd', 'fitnet', 'heatmap'])
+def test_distiller_terms_zero_when_apprentice_features_equal_experts(mode):
+    """fd3d.md 8 at the Distiller level: generators, upsampler and adapters replaced by identities, no
+    mask, no standardisation, A's features equal to E's (BEV on the same grid; FPN maps laid out on the
+    apprentice's own padded image) -> every term 0; a perturbation -> > 0."""
+    torch.manual_seed(0)
+    expert, _ = small_pair()
+    same_bev = bevformer.BEVFormer(bevformer.get_config('cpu-tiny', image_size=(80, 45), bev_h=16, bev_w=16,
+                                                        **SMALL))
+    d = distill.Distiller(expert=expert, apprentice=same_bev, mode=mode, mask_ratio=0.0, pv_norm='none',
+                          areas='gt')
+    for k in list(d.kd):
+        d.kd[k] = (nn.ModuleList(nn.Identity() for _ in d.kd[k]) if isinstance(d.kd[k], nn.ModuleList)
+                   else IdentityUp() if k == 'bev_up' else nn.Identity())
+    batch = bevformer.example_batch(expert.cfg, batch_size=1, num_gt=6)
+    be, ba = distill.model_inputs(batch, expert.cfg, same_bev.cfg)
+    with torch.no_grad():
+        out_e = expert.eval()(be)
+    fpn_a = []
+    for f, (h, w) in zip(out_e['fpn'], [(8, 12), (4, 6)]):  # A: strides 8, 16 on its 96x64 padded image
+        a = torch.zeros(*f.shape[:3], h, w)
+        a[..., :f.shape[-2], :f.shape[-1]] = f  # the same cells, in expert pixels, as E's stride 16, 32
+        fpn_a.append(a)
+    out_a = {'bev': out_e['bev'].clone(), 'fpn': fpn_a}
+    terms = d.distill_losses(out_e, out_a, be, ba)
+    assert terms and all(float(v) < 1e-6 for v in terms.values()), terms
+    noisy = {'bev': out_a['bev'] + 0.5 * torch.randn_like(out_a['bev']),
+             'fpn': [f + 0.5 * torch.randn_like(f) for f in fpn_a]}
+    terms = d.distill_losses(out_e, noisy, be, ba)
+    assert all(float(v) > 1e-4 for v in terms.values()), terms
