@@ -5,7 +5,7 @@ nuscenes-devkit loads as `NuScenes(version, DIR)` and scores with `DetectionEval
 camera JPEGs and one LIDAR_TOP point file per sample, and a map mask per log. Facts about what the
 devkit needs are in the spec `nuscenes-format.md`; the world itself:
 
-* One road per scene: a circular arc (radius 120-400 m, left or right turn), four 3.3 m lanes
+* One road per scene: a circular arc (radius 200-500 m, left or right turn), four 3.5 m lanes
   (right-hand traffic), bike lanes, parking lanes, sidewalks, terrain and unannotated buildings.
   The ego drives in the right inner lane at constant speed, so its yaw changes over the scene
   (temporal alignment matters). Keyframes at 2 Hz; every sample_data has its own ego pose (each camera
@@ -78,10 +78,12 @@ FULL_W, FULL_H = 1600, 900
 SAMPLE_DT_US = 500000                  # keyframes at 2 Hz
 
 # Road cross-section: lateral offset d (m, positive = left of the road direction).
-LANES = (1.65, 4.95)                   # lane centres on each side; the ego drives at d = -1.65
-BIKE_D, PARK_D, SIDEWALK_D = 7.7, 9.9, 15.2
+LANES = (1.75, 5.25)                   # 3.5 m lanes: centres on each side; the ego drives at d = -1.75
+BIKE_D, PARK_D, SIDEWALK_D = 7.5, 10.0, 15.2
 WALK_D = (12.4, 13.4)
-ROAD_EDGE, PARK_EDGE, CURB, SIDEWALK_EDGE = 7.0, 8.4, 11.4, 16.4
+ROAD_EDGE, PARK_EDGE, CURB, SIDEWALK_EDGE = 7.0, 8.1, 11.8, 16.4
+# Clearances hold for the largest objects (+10 %) on the tightest curve (radius 200 m: a 13.5 m box
+# bulges 0.11 m out of its lane); tests/test_data.py checks that no two boxes overlap.
 ANNOTATE_RANGE = 75.0                  # objects are annotated while within this distance of the ego
 RENDER_RANGE = 95.0
 LIDAR_RANGE = 70.0
@@ -210,9 +212,11 @@ def _populate(rng, ego_v, duration):
         for cls, yaw_off in group:
             wlh = size(cls)
             ext = abs(wlh[1] * np.cos(yaw_off)) + abs(wlh[0] * np.sin(yaw_off))   # footprint along s
-            jitter = rng.uniform(-0.15, 0.15) if cls != 5 else 0.0
-            add(cls, s + ext / 2, 0.0, d + jitter, yaw_off + rng.normal(0, 0.04), wlh)
-            s += ext + rng.uniform(0.4, 1.5)
+            # small jitter; none sideways for long vehicles (they fill the parking lane)
+            small = wlh[1] < 3.0 and cls != 5
+            jitter, yaw_jitter = (rng.uniform(-0.15, 0.15), rng.normal(0, 0.01)) if small else (0.0, 0.0)
+            add(cls, s + ext * 0.55, 0.0, d + jitter, yaw_off + yaw_jitter, wlh)
+            s += ext * 1.1 + rng.uniform(0.4, 1.5)   # +10 %: arc length shrinks on the inside of a curve
         return s
 
     def strip(d, choose, reserved, gap):
@@ -476,7 +480,7 @@ def _scene(args):
     logfile = 'synth-%d-%04d' % (seed, scene_i)
     ego_v = rng.uniform(4.0, 9.0)
     duration = (n_samples - 1) * SAMPLE_DT_US * 1e-6
-    kappa = rng.choice([-1, 1]) / rng.uniform(120, 400)
+    kappa = rng.choice([-1, 1]) / rng.uniform(200, 500)
     theta0 = rng.uniform(-np.pi, np.pi)
     # Place the road so that every global coordinate within 75 m of the ego path is >= 0 (map margin,
     # nuscenes-format.md §2: the devkit crops ~57 m around the ego from the map mask).
