@@ -86,6 +86,8 @@ ROAD_EDGE, PARK_EDGE, CURB, SIDEWALK_EDGE = 7.0, 8.1, 11.8, 16.4
 # bulges 0.11 m out of its lane); tests/test_data.py checks that no two boxes overlap.
 ANNOTATE_RANGE = 75.0                  # objects are annotated while within this distance of the ego
 RENDER_RANGE = 95.0
+NEAR = 0.1                             # camera near plane (m) for the 2D bounds of boxes
+EDGES = np.array([(a, a ^ bit) for a in range(8) for bit in (1, 2, 4) if a < a ^ bit])   # box corner pairs
 LIDAR_RANGE = 70.0
 
 
@@ -373,13 +375,23 @@ class Renderer:
         corners = np.stack([lx * cy_all[:, None] - ly * sy_all[:, None], lx * sy_all[:, None] + ly * cy_all[:, None],
                             unit[None, :, 2] * wlh[:, None, 2]], -1) + centres[candidates][:, None]
         pc = (corners - global_t_cam) @ global_R_cam                     # [M, 8, 3] camera frame
-        z = pc[..., 2]
-        any_front, all_front = (z > 0.1).any(1), (z > 0.1).all(1)
+        # Boxes partly behind the camera are clipped by the plane z = NEAR: the 2D bound covers the corners
+        # in front and the points where the 12 edges cross the plane (exact for a convex box).
+        pa, pb = pc[:, EDGES[:, 0]], pc[:, EDGES[:, 1]]                   # [M, 12, 3]
+        za, zb = pa[..., 2:], pb[..., 2:]
         with np.errstate(divide='ignore', invalid='ignore'):
-            u = pc[..., 0] / z * cam.K[0, 0] + cam.K[0, 2]
-            v = pc[..., 1] / z * cam.K[1, 1] + cam.K[1, 2]
-        box2d = np.stack([np.floor(u.min(1)), np.floor(v.min(1)), np.ceil(u.max(1)), np.ceil(v.max(1))], 1)
-        box2d = np.where(all_front[:, None], box2d, [0, 0, W - 1, H - 1])   # partly behind: every pixel
+            cut = pa + (NEAR - za) / (zb - za) * (pb - pa)
+        pts = np.concatenate([pc, cut], 1)                                 # [M, 20, 3]
+        ok = np.concatenate([pc[..., 2] > NEAR, (za[..., 0] > NEAR) != (zb[..., 0] > NEAR)], 1)
+        z = np.where(ok, pts[..., 2], 1.0)
+        u = np.where(ok, pts[..., 0] / z * cam.K[0, 0] + cam.K[0, 2], np.nan)
+        v = np.where(ok, pts[..., 1] / z * cam.K[1, 1] + cam.K[1, 2], np.nan)
+        any_front = ok[:, :8].any(1)
+        with np.errstate(invalid='ignore'):
+            box2d = np.stack([np.floor(np.nanmin(np.where(any_front[:, None], u, 0), 1)),
+                              np.floor(np.nanmin(np.where(any_front[:, None], v, 0), 1)),
+                              np.ceil(np.nanmax(np.where(any_front[:, None], u, -1), 1)),
+                              np.ceil(np.nanmax(np.where(any_front[:, None], v, -1), 1))], 1)
         box2d = np.clip(np.nan_to_num(box2d), -1, max(W, H) + 1).astype(np.int64)
         box2d[:, :2] = np.maximum(box2d[:, :2], 0)
         box2d[:, 2] = np.minimum(box2d[:, 2], W - 1)
@@ -411,9 +423,9 @@ class Renderer:
                 continue
             show = hit & (tnear < depth[win])
             # The face seen is on the slab entered last; its sign is opposite to the ray direction.
-            axis = np.where((lo[0][0] >= lo[1][0]) & (lo[0][0] >= lo[2][0]), 0, np.where(lo[1][0] >= lo[2][0], 1, 2))
-            dsel = np.where(axis == 0, lo[0][1], np.where(axis == 1, lo[1][1], lo[2][1]))
-            face = (axis * 2 + (dsel < 0))[show]
+            (t0, d0), (t1, d1), (t2, d2) = ((t[show], d[show]) for t, d in lo)     # only the pixels drawn
+            axis = np.where((t0 >= t1) & (t0 >= t2), 0, np.where(t1 >= t2, 1, 2))
+            face = axis * 2 + (np.where(axis == 0, d0, np.where(axis == 1, d1, d2)) < 0)
             normals = np.concatenate([-R.T, R.T], 0)[[0, 3, 1, 4, 2, 5]]   # -x,+x,-y,+y,-z,+z in global
             shade = 0.42 + 0.58 * np.clip(normals @ self.sun, 0, 1)
             colour[win][show] = (self.faces[m] * shade[:, None])[face]
