@@ -207,6 +207,8 @@ def test_synthetic_world_is_deterministic(tmp_path):
     data.write_synthetic_world(a, seed=3, workers=0, **kw)
     data.write_synthetic_world(b, seed=3, workers=2, **kw)          # processes do not change a byte
     data.write_synthetic_world(c, seed=4, workers=0, **kw)
+    with pytest.raises(data.InputError, match='no scene of split val'):
+        data.NuScenesDataset(a, 'v1.0-mini', 'val')                # this world has train scenes only
     tables = sorted(os.listdir(os.path.join(a, 'v1.0-mini')))
     assert len(tables) == 13
     for t in tables:
