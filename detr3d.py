@@ -1,0 +1,459 @@
+"""DETR3D in plain PyTorch: only what differs from BEVFormer.
+
+Paper: Wang et al., "DETR3D: 3D Object Detection from Multi-view Images via 3D-to-2D Queries", CoRL 2021.
+Official code: github.com/WangYueFt/detr3d (mmdet3d plugin; architecture.md section 3). DETR3D has no BEV:
+each object query owns a 3D reference point, projects it into every camera and FPN level, samples the
+image features there and refines the point layer by layer. This file follows that data path:
+
+  images -> ResNet + FPN                                  (bevformer.py, shared)
+  -> Detr3DCrossAtten: the reference point projected into all cameras and levels, bilinear samples,
+     sigmoid weights x visibility, summed; + a positional encoding of the reference point (every layer)
+  -> decoder layers (self-attn, LN, Detr3DCrossAtten, LN, FFN, LN; bevformer.DecoderLayer) with
+     iterative refinement of the full 3D reference (bevformer.refine_boxes)
+  -> heads, Hungarian matching, focal + L1 losses, NMS-free decoding   (bevformer.py, shared)
+  -> FD3D for DETR3D: focal distillation at the expert queries' projected reference points (fd3d.md 6)
+  -> presets, the detector, official checkpoints, `python detr3d.py convert|bench`.
+
+What is shared is imported, never copied: the image path (`extract_feats`), the loss and the decoding
+are BEVFormer's methods, which read only `cfg`, `backbone`, `neck`, `grid_mask` and `out['dec']`
+(architecture.md 3: "Head, loss, matching, coder and nuScenes export are identical to 2.10-2.12").
+
+Where we differ from the official code:
+* Boxes use the nuScenes-native yaw (README "Conventions"); the official mmdet3d yaw is converted once,
+  in `load_official` (the same (sin, cos) row conversion as BEVFormer's).
+* The projection is `bevformer.project_points` (fp32, eps 1e-5, strictly inside the padded image): the
+  official `feature_sampling` written once for both detectors. lidar2img and the padded size come from
+  the batch, per sample (the official code reads them from img_metas).
+* `num_points` is fixed at 1 (the official value; its feature_sampling samples one point per camera and
+  level whatever num_points says), so the weights are [B, Q, N, L] without a points axis.
+* The official FPN receives C2..C5 and starts at C3 (`start_level=1`); we hand it C3..C5 directly
+  (`backbone_out=(1, 2, 3)`): the same maps, parameters and keys, one unused C2 output less.
+* `detr3d-r50` (the FD3D paper's apprentice) and the CPU presets are ours (no official config exists).
+
+Shape letters: B batch, N cameras, C channels, Q object queries, L FPN levels, K boxes, H/W sizes.
+"""
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bevformer
+from bevformer import (FPN, BEVFormer, BEVFormerConfig, DecoderLayer, GridMask, ResNet, cls_branch,
+                       inverse_sigmoid, project_points, reg_branch, refine_boxes)
+from data import InputError
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration (flat fields, so that `train.py --set key=value` can override any of them)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class DETR3DConfig:
+    name: str = 'detr3d-cpu-tiny'
+    detector: str = 'detr3d'
+    # input: content size (W, H), zero-padded to a multiple of `pad_to`
+    image_size: tuple = (200, 113)
+    pad_to: int = 32
+    normalisation: str = 'rgb'     # 'rgb': ImageNet mean/std on RGB; 'caffe': BGR, mean only (official)
+    queue_length: int = 1          # DETR3D is single-frame (the loader serves no history)
+    num_cams: int = 6
+    num_classes: int = 10
+    # image backbone and neck (architecture.md 2.2, 3)
+    backbone_depth: int = 18
+    backbone_style: str = 'pytorch'
+    backbone_width: int = 64
+    backbone_dcn: bool = False     # DCNv2 in stages 3 and 4 (official R101-DCN)
+    backbone_out: tuple = (1, 2, 3)
+    frozen_stages: int = 1
+    with_cp: bool = False
+    fpn_levels: int = 4            # L: the decoder samples every level
+    grid_mask: bool = True
+    grid_mask_prob: float = 0.7
+    # decoder
+    embed_dims: int = 256
+    ffn_dims: int = 512
+    num_heads: int = 8             # the self-attention's heads (Detr3DCrossAtten has none)
+    dropout: float = 0.1
+    pc_range: tuple = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+    dec_layers: int = 6
+    num_query: int = 900
+    # loss and matching (architecture.md 2.11, identical for DETR3D)
+    cls_weight: float = 2.0
+    bbox_weight: float = 0.25
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    code_weights: tuple = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
+    # NMS-free decoding (architecture.md 2.12)
+    max_num: int = 300
+    post_center_range: tuple = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
+
+    padded_size = BEVFormerConfig.padded_size    # (W, H) after padding: the same rule as BEVFormer
+
+    def __post_init__(self):
+        for f in fields(self):                   # checkpoints may hand tuples back as lists
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                setattr(self, f.name, tuple(v))
+        checks = [
+            (self.detector == 'detr3d', f"detector must be 'detr3d', got {self.detector!r}"),
+            (self.normalisation in ('rgb', 'caffe'), f"normalisation must be 'rgb' or 'caffe', got {self.normalisation!r}"),
+            (self.backbone_style in ('pytorch', 'caffe'), "backbone_style must be 'pytorch' or 'caffe'"),
+            (self.embed_dims % self.num_heads == 0, 'embed_dims must be divisible by num_heads'),
+            (self.fpn_levels >= len(self.backbone_out), 'fpn_levels must be >= len(backbone_out)'),
+            (len(self.image_size) == 2 and len(self.pc_range) == 6, 'image_size is (W, H), pc_range has 6 values'),
+            (self.queue_length == 1, f'queue_length must be 1 (DETR3D is single-frame), got {self.queue_length}'),
+            (1 <= self.num_cams <= 6, 'num_cams must be 1..6'),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise InputError(f'config {self.name}: {msg}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature sampling at the projected reference points (paper Sec. 3.2, Eq. 2-4; official
+# detr3d_transformer.py::feature_sampling and Detr3DCrossAtten)
+# ---------------------------------------------------------------------------------------------
+
+def project_reference_points(ref, lidar2img, pad_hw, pc_range):
+    """ref [B, Q, 3] normalised to pc_range; lidar2img [B, N, 4, 4]; pad_hw (H, W) of the padded image.
+
+    Returns uv [B, Q, N, 2]: the metric point's projection in each camera, normalised by the padded
+    (W, H) (0..1 inside the image), and mask [B, Q, N] bool: in front of the camera (depth > 1e-5) and
+    strictly inside the image (official: -1 < 2 uv - 1 < 1). Differentiable in ref."""
+    lo, hi = ref.new_tensor(pc_range[:3]), ref.new_tensor(pc_range[3:])
+    pts = ref * (hi - lo) + lo                                                  # [B, Q, 3] metres, LIDAR_TOP
+    # bevformer.project_points projects one point set into the cameras of a batch: once per sample
+    proj = [project_points(p[None], m[None], pad_hw) for p, m in zip(pts, lidar2img)]   # ([N, 1, Q, 1, 2], [N, 1, Q, 1])
+    uv = torch.cat([u for u, _ in proj], 1)[:, :, :, 0].permute(1, 2, 0, 3)   # [B, Q, N, 2]
+    mask = torch.cat([m for _, m in proj], 1)[..., 0].permute(1, 2, 0)        # [B, Q, N]
+    return uv, mask
+
+
+def sample_reference_features(fpn, uv, mask, attn):
+    """s_q = sum over cameras n and levels l of attn[q, n, l] * mask[q, n] * bilinear(F_l[n], uv[q, n]).
+
+    fpn: list over L of [B, N, C, h, w]; uv [B, Q, N, 2] normalised; mask [B, Q, N] bool; attn
+    [B, Q, N, L] (sigmoid weights). Returns [B, Q, C]. Bilinear with zeros outside and
+    align_corners=False, as the official F.grid_sample call (pixel i's centre at (i + 0.5) / w)."""
+    B, Q, N, _ = uv.shape
+    grid = (2 * uv - 1).transpose(1, 2).reshape(B * N, Q, 1, 2)               # grid_sample's [-1, 1]
+    w = attn * mask.to(attn.dtype)[..., None]                                   # [B, Q, N, L]
+    out = 0
+    for lvl, f in enumerate(fpn):
+        s = F.grid_sample(f.flatten(0, 1), grid.to(f.dtype), mode='bilinear', padding_mode='zeros',
+                          align_corners=False)                                  # [B*N, C, Q, 1]
+        s = torch.nan_to_num(s[..., 0]).view(B, N, -1, Q)                       # [B, N, C, Q]
+        out = out + torch.einsum('bncq,bqn->bqc', s, w[..., lvl].to(s.dtype))
+    return out
+
+
+class Detr3DCrossAtten(nn.Module):
+    """Object queries read the image features at their projected 3D reference point.
+
+    Weights: a sigmoid (not a softmax) per (camera, level), masked by visibility and summed, not
+    averaged. The positional encoding of the reference point is added to the residual stream in
+    every layer (official `position_encoder`, Sequential indices 0, 1, 3, 4)."""
+
+    def __init__(self, C, num_cams, levels, dropout):
+        super().__init__()
+        self.num_cams, self.levels = num_cams, levels
+        self.attention_weights = nn.Linear(C, num_cams * levels)   # official view (cams, points=1, levels)
+        self.output_proj = nn.Linear(C, C)
+        self.dropout = nn.Dropout(dropout)
+        self.position_encoder = nn.Sequential(nn.Linear(3, C), nn.LayerNorm(C), nn.ReLU(inplace=True),
+                                              nn.Linear(C, C), nn.LayerNorm(C), nn.ReLU(inplace=True))
+        nn.init.zeros_(self.attention_weights.weight)              # official init_weight
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, x, pos, fpn, ref, lidar2img, pad_hw, pc_range):
+        """x, pos [B, Q, C]; fpn list over L of [B, N, C, h, w]; ref [B, Q, 3] normalised; lidar2img
+        [B, N, 4, 4]; pad_hw (H, W). Returns (out [B, Q, C], uv [B, Q, N, 2], mask [B, Q, N],
+        attn [B, Q, N, L])."""
+        B, Q, C = x.shape
+        N = lidar2img.shape[1]
+        if N != self.num_cams or len(fpn) != self.levels:
+            raise ValueError(f'Detr3DCrossAtten: built for {self.num_cams} cameras and {self.levels} levels, '
+                             f'got {N} and {len(fpn)}')
+        attn = self.attention_weights(x + pos).view(B, Q, N, self.levels).sigmoid()    # levels fastest
+        uv, mask = project_reference_points(ref, lidar2img, pad_hw, pc_range)
+        sampled = sample_reference_features(fpn, uv, mask, attn)                        # [B, Q, C]
+        pos_feat = self.position_encoder(inverse_sigmoid(ref))                          # [B, Q, C]
+        return self.dropout(self.output_proj(sampled)) + x + pos_feat, uv, mask, attn
+
+
+# ---------------------------------------------------------------------------------------------
+# FD3D for DETR3D: focal distillation at the reference points (fd3d.md section 6)
+# ---------------------------------------------------------------------------------------------
+
+def fd3d_focal_loss(fpn_hat, fpn_e, dec, sel):
+    """Focal distillation at the expert queries' projected reference points (fd3d.md 6).
+
+    fpn_hat: list over the EXPERT's FPN levels of the generated apprentice maps [B, N, C, h, w] on the
+    expert's grid (None for an expert level no apprentice level maps to: that level leaves both sums);
+    fpn_e: the expert's maps (the same shapes; standardised if the generation loss standardises them);
+    dec: the expert's out['dec'] (per layer its uv, mask and attn); sel [B, Q] bool, the selected queries.
+    For every layer, with the expert's detached points uv, visibility mask and sigmoid weights attn:
+      s_E = sum_(n, l) attn * mask * bilinear(F_E,l, uv),   s_A the same on F^
+    (exactly the sum the expert's Detr3DCrossAtten feeds its output_proj; DETR3D has no value
+    projection), and L = mean over layers of (sum over selected queries of ||s_A - s_E||^2 / C) / #sel.
+    Gradients reach only fpn_hat."""
+    levels = [i for i, f in enumerate(fpn_hat) if f is not None]
+    if not levels:
+        raise ValueError('fd3d_focal_loss: no generated level')
+    hats = [fpn_hat[i] for i in levels]
+    n_sel = sel.sum()
+    if n_sel == 0:
+        return sum(h.sum() for h in hats) * 0            # keeps the graph (DDP wants every parameter used)
+    exps = [fpn_e[i].detach() for i in levels]
+    total = 0
+    for d in dec:
+        uv, mask, attn = d['uv'].detach(), d['mask'], d['attn'].detach()[..., levels]
+        with torch.no_grad():
+            s_e = sample_reference_features(exps, uv, mask, attn)                 # [B, Q, C]
+        s_a = sample_reference_features(hats, uv, mask, attn)
+        err = ((s_a - s_e) ** 2).mean(-1)                                       # [B, Q]
+        total = total + (err * sel).sum() / n_sel
+    return total / len(dec)
+
+
+# ---------------------------------------------------------------------------------------------
+# The detector
+# ---------------------------------------------------------------------------------------------
+
+class DETR3D(nn.Module):
+    # Shared with BEVFormer unchanged (they read only cfg, backbone, neck, grid_mask and out['dec']):
+    extract_feats = BEVFormer.extract_feats     # images [B, N, 3, Hp, Wp] -> list over L of [B, N, C, h, w]
+    loss = BEVFormer.loss                       # architecture.md 2.11, every decoder layer: loss_{cls,bbox}_i
+    decode = BEVFormer.decode                   # architecture.md 2.12, NMS-free top-k of the last layer
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.embed_dims
+        dcn = (False, False, cfg.backbone_dcn, cfg.backbone_dcn)
+        self.backbone = ResNet(depth=cfg.backbone_depth, style=cfg.backbone_style,
+                               out_indices=cfg.backbone_out, frozen_stages=cfg.frozen_stages,
+                               dcn_stages=dcn, base_width=cfg.backbone_width, with_cp=cfg.with_cp)
+        self.neck = FPN(self.backbone.out_channels, C, num_outs=cfg.fpn_levels, add_extra_on_output=True)
+        self.grid_mask = GridMask(prob=cfg.grid_mask_prob)
+        # object queries: a position half and a content half; reference points (official Detr3DTransformer)
+        self.query_embedding = nn.Embedding(cfg.num_query, 2 * C)
+        self.reference_points = nn.Linear(C, 3)
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleList(
+            DecoderLayer(cfg, Detr3DCrossAtten(C, cfg.num_cams, cfg.fpn_levels, cfg.dropout))
+            for _ in range(cfg.dec_layers))
+        self.cls_branches = nn.ModuleList(cls_branch(C, cfg.num_classes) for _ in range(cfg.dec_layers))
+        self.reg_branches = nn.ModuleList(reg_branch(C) for _ in range(cfg.dec_layers))
+        nn.init.xavier_uniform_(self.reference_points.weight)       # official xavier_init(uniform, bias 0)
+        nn.init.zeros_(self.reference_points.bias)
+
+    def decode_queries(self, fpn, lidar2img, pad_hw):
+        """fpn list over L of [B, N, C, h, w]; lidar2img [B, N, 4, 4] -> list over layers of dicts (see forward)."""
+        cfg = self.cfg
+        B, C = lidar2img.shape[0], cfg.embed_dims
+        pos, x = self.query_embedding.weight.split(C, -1)                        # [Q, C] each
+        pos, x = pos[None].expand(B, -1, -1), x[None].expand(B, -1, -1)
+        ref = self.reference_points(pos).sigmoid()                               # [B, Q, 3] normalised
+        outs = []
+        for lid, layer in enumerate(self.decoder.layers):
+            # the full 3D reference goes to the cross-attention (BEVFormer passes only x, y)
+            x, uv, mask, attn = layer(x, pos, fpn, ref, lidar2img, pad_hw, cfg.pc_range)
+            box, new_ref = refine_boxes(self.reg_branches[lid](x), ref, cfg.pc_range)
+            outs.append({'query': x, 'ref': ref, 'cls': self.cls_branches[lid](x), 'box': box,
+                         'uv': uv, 'mask': mask, 'attn': attn})
+            ref = new_ref.detach()                                               # iterative refinement
+        return outs
+
+    def forward(self, batch):
+        """A collated batch (data.collate; history, can_bus ignored: DETR3D is single-frame) -> dict:
+          fpn   list over L of [B, N, C, h, w]   FPN features
+          dec   list over decoder layers of dicts:
+                query [B, Q, C] the layer's output queries;
+                ref   [B, Q, 3] the layer's INPUT reference point, normalised to pc_range (x, y, z);
+                cls   [B, Q, 10] logits; box [B, Q, 10] regression code (cx, cy, log w, log l, cz,
+                      log h, sin yaw, cos yaw, vx, vy; metres, our yaw);
+                uv    [B, Q, N, 2] ref projected into each camera, (u, v) normalised by the padded
+                      image (W, H): 0..1 inside; the same point on every FPN level;
+                mask  [B, Q, N] bool visibility (in front of the camera, strictly inside the image);
+                attn  [B, Q, N, L] the sigmoid weights (before the mask; points axis of size 1 dropped).
+        The cross-attention's sampled sum is sum_(n, l) attn * mask * bilinear(fpn[l][:, n], uv)."""
+        img = batch['img']
+        B, dev = img.shape[0], img.device
+        fpn = self.extract_feats(img, bevformer._img_shape(batch, B, dev))
+        return {'fpn': fpn, 'dec': self.decode_queries(fpn, batch['lidar2img'].to(dev).float(), tuple(img.shape[-2:]))}
+
+    @torch.no_grad()
+    def predict(self, img, lidar2img, can_bus=None, state=None, img_shape=None, scene_token=None):
+        """One sample from raw images: img [N, 3, H, W] RGB 0..255, lidar2img [N, 4, 4] for that image.
+        Without img_shape the images are resized to the preset's image_size (lidar2img scaled) and
+        zero-padded (bevformer.prepare_images); with img_shape (H, W) they are taken as prepared.
+        can_bus, state and scene_token are accepted for the common interface and unused (no temporal
+        state). Returns {'boxes' [K, 9], 'scores' [K], 'labels' [K], 'state': None}."""
+        cfg = self.cfg
+        dev = self.query_embedding.weight.device
+        img, lidar2img = img.to(dev).float(), lidar2img.to(dev).float()
+        if img_shape is None:
+            img, lidar2img, img_shape = bevformer.prepare_images(img, lidar2img, cfg)
+        img_shape = torch.as_tensor(img_shape, device=dev).view(1, 2)
+        was_training = self.training
+        self.eval()
+        try:
+            out = self({'img': img[None], 'img_shape': img_shape, 'lidar2img': lidar2img[None]})
+            dets = self.decode(out)[0]
+        finally:
+            self.train(was_training)
+        dets['state'] = None
+        return dets
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets (architecture.md section 1; fd3d.md for the paper's pair)
+# ---------------------------------------------------------------------------------------------
+
+_OFFICIAL = dict(image_size=(1600, 900), normalisation='caffe', backbone_style='caffe', backbone_out=(1, 2, 3),
+                 fpn_levels=4, embed_dims=256, ffn_dims=512, num_heads=8, dec_layers=6, num_query=900,
+                 grid_mask=True)
+
+PRESETS = {
+    # official detr3d_res101_gridmask.py: R101-DCN (caffe), FPN C3-C5 + 1 extra (strides 8..64), 1600x900
+    'detr3d-r101': DETR3DConfig(name='detr3d-r101', backbone_depth=101, backbone_dcn=True, **_OFFICIAL),
+    # the FD3D paper's apprentice (R50, 900x1600; no official config exists, architecture.md 8).
+    # Inferred: everything else as detr3d-r101 (caffe style and normalisation, the FCOS3D-style init of
+    # the expert's family), no DCN. An ImageNet-initialised R50 would rather use style/normalisation
+    # 'pytorch'/'rgb': `--set backbone_style=pytorch --set normalisation=rgb`.
+    'detr3d-r50': DETR3DConfig(name='detr3d-r50', backbone_depth=50, backbone_dcn=False, **_OFFICIAL),
+    # CPU-sized apprentice/expert pair for the synthetic world (ours). The expert keeps the paper's
+    # relation to its apprentice (bigger backbone, same width and decoder) and, like BEVFormer's CPU
+    # pair, twice the input resolution: its FPN levels (strides 16, 32, 64 at 400x225) have the sizes
+    # of the apprentice's (strides 8, 16, 32 at 200x113), so PV distillation pairs them one to one.
+    'detr3d-cpu-tiny': DETR3DConfig(name='detr3d-cpu-tiny', image_size=(200, 113), normalisation='rgb',
+                                    backbone_depth=18, backbone_style='pytorch', backbone_width=32,
+                                    backbone_out=(1, 2), fpn_levels=3, embed_dims=128, ffn_dims=256,
+                                    num_heads=8, dec_layers=3, num_query=300, grid_mask=False),
+    'detr3d-cpu-base': DETR3DConfig(name='detr3d-cpu-base', image_size=(400, 225), normalisation='rgb',
+                                    backbone_depth=34, backbone_style='pytorch', backbone_width=32,
+                                    backbone_out=(2, 3), fpn_levels=3, embed_dims=128, ffn_dims=256,
+                                    num_heads=8, dec_layers=3, num_query=300, grid_mask=False),
+}
+
+# GFLOPs of the FD3D paper's table (mmcv-style multiply-adds), for `bench` (indicative)
+PAPER_GFLOPS = {'detr3d-r101': 1016.83, 'detr3d-r50': 876.94}
+
+
+def get_config(name, **overrides):
+    """A copy of preset `name` with field overrides (unknown names are InputErrors)."""
+    if name not in PRESETS:
+        raise InputError(f'--preset {name}: unknown DETR3D preset (expected one of {", ".join(PRESETS)})')
+    bad = sorted(set(overrides) - {f.name for f in fields(DETR3DConfig)})
+    if bad:
+        raise InputError(f'--set {bad[0]}: not a DETR3DConfig field')
+    return replace(PRESETS[name], **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Official checkpoints (architecture.md 5.2): the same strict remap and yaw conversion as BEVFormer
+# ---------------------------------------------------------------------------------------------
+
+def load_official(model, path):
+    """Load the official DETR3D checkpoint (`detr3d_resnet101.pth`, path or its state_dict) into `model`
+    strictly: every parameter and buffer filled, an unknown, missing or misshaped key is an InputError
+    naming it; the final regression rows (sin, cos) are converted to our yaw.
+
+    Our module names map to the official ones with bevformer's rules unchanged (decoder.layers.i.
+    cross_attn.position_encoder.0 -> pts_bbox_head.transformer.decoder.layers.i.attentions.1.
+    position_encoder.0, self_attn -> attentions.0.attn, ...), so bevformer.load_official does the work."""
+    if not isinstance(model, DETR3D):
+        raise InputError(f'detr3d.load_official: expected a DETR3D model, got {type(model).__name__}')
+    return bevformer.load_official(model, path)
+
+
+def convert(official_path, preset, out_path):
+    """Official checkpoint -> our checkpoint format (usable by train.py --teacher/--resume, evaluate.py --ckpt)."""
+    cfg = get_config(preset)
+    model = load_official(DETR3D(cfg), official_path)
+    bevformer.save_checkpoint({'model': model.state_dict(), 'config': asdict(cfg),
+                               'args': {'converted_from': os.path.abspath(official_path), 'preset': preset},
+                               'iter': 0}, out_path)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost: parameters, FLOPs, CPU step time (`python detr3d.py bench`)
+# ---------------------------------------------------------------------------------------------
+
+def train_step_time(cfg, iters=3, threads=2, seed=0):
+    """Median seconds of one training iteration on the CPU (batch 1, forward + loss + backward + AdamW)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = DETR3D(cfg).train()
+    batch = bevformer.example_batch(cfg, batch_size=1, history=False, seed=seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    times = []
+    for _ in range(iters + 1):                                   # the first one warms up
+        t = time.perf_counter()
+        loss = sum(model.loss(model(batch), batch).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[1:]))
+
+
+def bench(presets, iters=3, threads=2, step_presets=('detr3d-cpu-tiny', 'detr3d-cpu-base')):
+    torch.set_num_threads(threads)
+    print(f'# params and cost of one frame (batch 1, 6 cameras, eval forward); torch {torch.__version__}, '
+          f'{threads} threads; GMACs = FlopCounterMode FLOPs / 2 (bilinear sampling not counted)')
+    print(f'{"preset":<16} {"input WxH":>10} {"params M":>9} {"GMACs":>9} {"paper":>8}')
+    for name in presets:
+        cfg = get_config(name)
+        torch.manual_seed(0)
+        model = DETR3D(cfg)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        cost = bevformer.count_flops(model, bevformer.example_batch(cfg, batch_size=1, history=False))
+        print(f'{name:<16} {cfg.image_size[0]:>5}x{cfg.image_size[1]:<4} {params:>9.2f} {cost["gmacs"]:>9.2f} '
+              f'{PAPER_GFLOPS.get(name, "-"):>8}', flush=True)
+        del model
+    print(f'# CPU training step (batch 1, forward+loss+backward+AdamW, {threads} threads, median of {iters})')
+    for name in step_presets:
+        print(f'{name:<16} {train_step_time(get_config(name), iters, threads):.2f} s/iter', flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='DETR3D: official-checkpoint conversion and benchmarks')
+    sub = p.add_subparsers(dest='cmd', required=True)
+    c = sub.add_parser('convert', help='official DETR3D checkpoint -> our checkpoint format')
+    c.add_argument('official', help='official checkpoint (.pth), read with weights_only=True')
+    c.add_argument('--preset', default='detr3d-r101', help=f'one of {", ".join(PRESETS)} (detr3d-r101 is official)')
+    c.add_argument('--out', required=True, help='output checkpoint path (.pt)')
+    b = sub.add_parser('bench', help='params and GFLOPs of every preset, CPU step times of the CPU presets')
+    b.add_argument('--presets', default=','.join(PRESETS), help='comma-separated presets for the cost table')
+    b.add_argument('--steps', default='detr3d-cpu-tiny,detr3d-cpu-base', help='presets to time a training step')
+    b.add_argument('--iters', type=int, default=3, help='timed iterations per preset')
+    b.add_argument('--threads', type=int, default=2, help='torch CPU threads')
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == 'convert':
+            convert(args.official, args.preset, args.out)
+            print(f'wrote {args.out} (preset {args.preset})')
+        else:
+            names = [n for n in args.presets.split(',') if n]
+            steps = [n for n in args.steps.split(',') if n]
+            for n in names + steps:
+                get_config(n)
+            bench(names, args.iters, args.threads, steps)
+    except InputError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()
