@@ -472,7 +472,7 @@ SELECTIONS = ('matched', 'confident', 'matched+confident')
 
 # Loss weights (see the README's "Paper notes" for how they were chosen): each term starts within an
 # order of magnitude of the apprentice's detection loss.
-W_PV, W_BEV, W_FOCAL, W_FITNET = 1.0, 1.0, 1.0, 1.0
+W_PV, W_BEV, W_FOCAL, W_FITNET = 2.0, 4.0, 4.0, 4.0
 W_HEATMAP, W_CWD, CWD_TAU = 0.1, 0.25, 2.0  # the released baseline's values
 
 

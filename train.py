@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
+import distill
 import evaluate
 from data import InputError
 
@@ -63,6 +64,26 @@ def make_parser():
     g = p.add_argument_group('distillation (distill.py)')
     g.add_argument('--teacher', metavar='CKPT', help='expert checkpoint; turns distillation on')
     g.add_argument('--distill', default='fd3d', help='fd3d, heatmap, fitnet, mgd or none (with --teacher)')
+    # every choice the FD3D paper leaves open (README "Paper notes"; defaults from specs/fd3d.md)
+    g.add_argument('--fd3d-parts', default='pv,bev,focal', help='FD3D terms: any subset of pv,bev,focal (ablations)')
+    g.add_argument('--fd3d-select', default='matched+confident',
+                   help='expert queries that teach: matched (to GT), confident, or matched+confident')
+    g.add_argument('--fd3d-score', type=float, default=0.3, help='max class probability of a confident query')
+    g.add_argument('--fd3d-box-scale', type=float, default=1.2, help='enlargement of the boxes that make focal areas')
+    g.add_argument('--fd3d-mask-ratio', type=float, default=0.65, help='random mask ratio inside the focal areas')
+    g.add_argument('--fd3d-areas', default='pred', help="focal areas from the expert's predictions (pred) or GT (gt)")
+    g.add_argument('--fd3d-bg-weight', type=float, default=0.0, help='weight of cells outside the focal areas')
+    g.add_argument('--fd3d-pv-norm', default='bn', help="standardise the expert's FPN maps per channel (bn) or not (none)")
+    g.add_argument('--fd3d-w-pv', type=float, default=distill.W_PV, help='weight of each FPN level\'s generation term')
+    g.add_argument('--fd3d-w-bev', type=float, default=distill.W_BEV, help='weight of the BEV generation term')
+    g.add_argument('--fd3d-w-focal', type=float, default=distill.W_FOCAL, help='weight of the focal term')
+    g.add_argument('--kd-w-fitnet', type=float, default=distill.W_FITNET, help='weight of the fitnet baseline')
+    g.add_argument('--kd-w-heatmap', type=float, default=distill.W_HEATMAP, help='heatmap baseline: BEV weight')
+    g.add_argument('--kd-w-cwd', type=float, default=distill.W_CWD, help='heatmap baseline: CWD weight per level')
+    g.add_argument('--kd-expert-input', default='native',
+                   help="expert images: native (the loader's full resolution) or upsampled (as the released code)")
+    g.add_argument('--init-head-from-expert', action='store_true',
+                   help="start the apprentice's decoder and heads from the expert's (any --distill mode)")
     g = p.add_argument_group('data')
     g.add_argument('--dataroot', default=DEFAULT_DATAROOT,
                    help=f'nuScenes-format root ({DEFAULT_DATAROOT} is written by the synthetic generator if missing)')
@@ -337,6 +358,7 @@ def peak_memory_mb(device):
 
 def train(args, explicit=()):
     """Run the whole job; returns {'iter', 'interrupted', 'summary'} (summary: final metrics on rank 0)."""
+    t_start = time.perf_counter()
     # -- processes and device ------------------------------------------------------------------
     world = int(os.environ.get('WORLD_SIZE', 1))
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
@@ -385,13 +407,20 @@ def train(args, explicit=()):
     # The distiller is one explicit wrapper: it holds the frozen expert and the apprentice (`model`)
     # and its forward returns the loss dict. Its own trainable parts (generators, adapters) are
     # trained with the apprentice and stored under the checkpoint's 'distiller' key.
-    distiller = None
+    # The loader reads at the expert's resolution and serves the longer history of the two models.
+    distiller, load_size, load_queue = None, tuple(cfg.image_size), cfg.queue_length
     if args.teacher:
-        import distill
         expert, _, _ = evaluate.model_from_checkpoint(args.teacher, '--teacher')
-        distiller = distill.Distiller(expert=expert.to(device), apprentice=model, mode=args.distill).to(device)
+        distiller = distill.Distiller(
+            expert=expert.to(device), apprentice=model, mode=args.distill, parts=args.fd3d_parts,
+            select=args.fd3d_select, score=args.fd3d_score, box_scale=args.fd3d_box_scale,
+            mask_ratio=args.fd3d_mask_ratio, areas=args.fd3d_areas, bg_weight=args.fd3d_bg_weight,
+            pv_norm=args.fd3d_pv_norm, w_pv=args.fd3d_w_pv, w_bev=args.fd3d_w_bev, w_focal=args.fd3d_w_focal,
+            w_fitnet=args.kd_w_fitnet, w_heatmap=args.kd_w_heatmap, w_cwd=args.kd_w_cwd,
+            expert_input=args.kd_expert_input, init_head=args.init_head_from_expert and ckpt is None).to(device)
+        load_size, load_queue = tuple(expert.cfg.image_size), max(cfg.queue_length, expert.cfg.queue_length)
         if ckpt is not None and 'distiller' in ckpt:
-            distiller.load_state_dict(ckpt['distiller'], strict=False)
+            distiller.kd.load_state_dict(ckpt['distiller'])
     # ---------------------------------------------------------------------------------------------
     trained = distiller if distiller is not None else model
     net = DDP(trained, device_ids=[device.index] if device.type == 'cuda' else None,
@@ -405,7 +434,7 @@ def train(args, explicit=()):
         if world > 1:
             dist.barrier()
     train_set = data.NuScenesDataset(args.dataroot, version=args.version, split='train',
-                                     image_size=tuple(cfg.image_size), queue_length=cfg.queue_length, train=True)
+                                     image_size=load_size, queue_length=load_queue, train=True)
     val_set = None if args.no_eval and not args.eval_every else data.NuScenesDataset(
         args.dataroot, version=args.version, split='val', image_size=tuple(cfg.image_size), queue_length=1,
         train=False)
@@ -461,8 +490,7 @@ def train(args, explicit=()):
                  'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'iter': it,
                  'rng': states, 'best': best}
         if distiller is not None:   # its trainable parts only: the expert has its own checkpoint
-            state['distiller'] = {k: v for k, v in distiller.state_dict().items()
-                                  if not k.startswith(('expert.', 'apprentice.'))}
+            state['distiller'] = distiller.kd.state_dict()
         save_checkpoint(path, state)
 
     def run_eval(out_dir, quiet):
@@ -492,7 +520,7 @@ def train(args, explicit=()):
     net.train()
     from tqdm import tqdm
     bar = tqdm(total=total, initial=start, disable=not master, dynamic_ncols=True, desc='train')
-    window, t_last, it = [], time.perf_counter(), start
+    window, t_last, cpu_last, it = [], time.perf_counter(), time.process_time(), start
     try:
         for it, batch in enumerate(loader, start):
             batch = data.to_device(batch, device)
@@ -519,10 +547,12 @@ def train(args, explicit=()):
             scaler.step(optimizer)
             scaler.update()
 
-            now = time.perf_counter()
+            now, cpu_now = time.perf_counter(), time.process_time()
+            # dt: wall seconds of the iteration (data wait included); cpu: CPU seconds this process
+            # used for it (all threads), a figure that other jobs on a shared machine do not inflate
             window.append({'loss': loss.item(), **{k: v.item() for k, v in losses.items()},
-                           'grad_norm': float(grad_norm), 'dt': now - t_last})
-            t_last = now
+                           'grad_norm': float(grad_norm), 'dt': now - t_last, 'cpu': cpu_now - cpu_last})
+            t_last, cpu_last = now, cpu_now
             bar.update(1)
             bar.set_postfix(loss=f"{window[-1]['loss']:.3f}", lr=f'{lr:.2e}')
             done = it + 1
@@ -551,10 +581,10 @@ def train(args, explicit=()):
                 if improved:
                     checkpoint(done, os.path.join(args.out, 'best.pt'))
                 net.train()
-                t_last = time.perf_counter()
+                t_last, cpu_last = time.perf_counter(), time.process_time()
             if done % args.ckpt_every == 0 or done == total or flags[1] > 0:
                 checkpoint(done, os.path.join(args.out, 'last.pt'))
-                t_last = time.perf_counter()
+                t_last, cpu_last = time.perf_counter(), time.process_time()
             if flags[1] > 0:
                 bar.close()
                 say(f'interrupted: saved {os.path.join(args.out, "last.pt")} at iteration {done}; continue with '
@@ -567,12 +597,15 @@ def train(args, explicit=()):
     if start >= total:
         say(f'nothing to train: the checkpoint is at iteration {start} of {total}')
     rows = read_log(log_path) if master else []
-    times = [r['dt'] for r in rows if 'dt' in r]
+    times, cpu = [r['dt'] for r in rows if 'dt' in r], [r['cpu'] for r in rows if 'cpu' in r]
     memory = peak_memory_mb(device)
     if master and times:
-        say(f'time per iteration {np.median(times):.3f} s (median over logged steps); peak memory {memory}')
+        load = os.getloadavg()[0]
+        say(f'time per iteration {np.median(times):.3f} s wall, {np.median(cpu):.3f} s CPU (medians of the '
+            f'logged steps; load average {load:.1f} on {os.cpu_count()} CPUs); peak memory {memory}')
         with open(log_path, 'a') as f:
-            f.write(json.dumps({'iter': total, 'time_per_iter_s': float(np.median(times)), **memory}) + '\n')
+            f.write(json.dumps({'iter': total, 'time_per_iter_s': float(np.median(times)),
+                                'cpu_per_iter_s': float(np.median(cpu)), 'load_average': load, **memory}) + '\n')
         plot_curve(log_path, curve_path)
 
     # -- final evaluation ----------------------------------------------------------------------------------
@@ -588,6 +621,7 @@ def train(args, explicit=()):
                 best = summary['nd_score']
                 save_checkpoint(os.path.join(args.out, 'best.pt'), {**torch.load(
                     os.path.join(args.out, 'last.pt'), weights_only=True), 'best': best})
+            say(f'total wall time {(time.perf_counter() - t_start) / 60:.1f} min')
             evaluate.print_last_line(summary)
     return {'iter': total, 'interrupted': False, 'summary': summary}
 

@@ -447,3 +447,22 @@ def test_distiller_terms_zero_when_apprentice_features_equal_experts(mode):
              'fpn': [f + 0.5 * torch.randn_like(f) for f in fpn_a]}
     terms = d.distill_losses(out_e, noisy, be, ba)
     assert all(float(v) > 1e-4 for v in terms.values()), terms
+
+
+def test_areas_on_a_real_item_of_the_synthetic_world(tmp_path_factory):
+    """The dataset's own (devkit-consistent) lidar2img and GT boxes: per camera and level the areas
+    cover every box seen entirely in front of the camera and nothing beyond its projected rectangle."""
+    import data
+    from fixtures import small_world
+    root = small_world(tmp_path_factory.mktemp('world'))
+    ds = data.NuScenesDataset(root, 'v1.0-mini', 'val', image_size=(200, 113), queue_length=1)
+    item = ds[len(ds) // 2]
+    boxes, l2i = item['gt_boxes'].float(), item['lidar2img'].float()
+    assert boxes.shape[0] > 3
+    pad = tuple(item['img'].shape[-2:])  # (128, 224)
+    areas = check_pv_areas(boxes, l2i, pad, [(pad[0] // 8, pad[1] // 8), (pad[0] // 16, pad[1] // 16)], 1.2)
+    assert sum(float(a.sum()) for a in areas) > 0
+    bev = distill.bev_focal_area(boxes, (50, 50), PC, 1.2)
+    d = (PC[3] - PC[0]) / 50
+    for b in boxes:  # every GT centre's cell is in the BEV area
+        assert bev[int((b[1] - PC[1]) // d), int((b[0] - PC[0]) // d)] == 1
