@@ -5,7 +5,7 @@
     ds = data.NuScenesDataset(root, 'v1.0-mini', 'val', image_size=(200, 113), queue_length=3)
 
 Two mini_train scenes and one mini_val scene (scene-0103), 4 keyframes each, images 200x113 (1600x900
-x 0.125), all 10 classes within their evaluation ranges in every scene. About 2 s on 2 cores. Calling it
+x 0.125), all 10 classes within their evaluation ranges in every scene. About 1 s of CPU. Calling it
 again on the same folder returns at once (the world is reused when it is complete).
 """
 import os
