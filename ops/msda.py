@@ -1,8 +1,11 @@
 """Multi-scale deformable attention (MSDA): the sampling-and-weighting core of Deformable DETR
 (Zhu et al., ICLR 2021, Eq. 3) that BEVFormer's temporal self-attention, spatial cross-attention and
-decoder all run on. Exact semantics: /work/shared/specs/architecture.md section 4.
+decoder all run on, with the semantics of mmcv's MultiScaleDeformableAttnFunction:
 
-    out[b, q, m, :] = sum_l sum_p A[b, q, m, l, p] * bilinear(V_l[b, :, :, m, :], x * W_l - 0.5, y * H_l - 0.5)
+    out[b, q, m, :] = sum_l sum_p A[b, q, m, l, p] * bilinear(V_l[b, :, :, m, :], x_l, y_l),
+    x_l = loc_x * W_l - 0.5, y_l = loc_y * H_l - 0.5   (pixel i's centre at loc (i + 0.5) / W_l)
+
+with bilinear corners outside the map reading zero, and the output head-major [B, Q, M*D].
 
 Two implementations with one signature and the same numbers:
 - `ms_deform_attn_pytorch`: plain PyTorch (F.grid_sample per level), autograd does the backward;

@@ -1,6 +1,5 @@
-// Multi-scale deformable attention, forward and backward CUDA kernels
-// (semantics: /work/shared/specs/architecture.md section 4; the PyTorch fallback in msda.py gives the
-// same numbers).
+// Multi-scale deformable attention, forward and backward CUDA kernels (the semantics of mmcv's
+// MultiScaleDeformableAttnFunction; the PyTorch fallback in msda.py gives the same numbers).
 //
 //   out[b, q, m, c] = sum_l sum_p A[b, q, m, l, p] * bilinear(value_l[b, :, :, m, c], x, y),
 //   x = loc_x * W_l - 0.5, y = loc_y * H_l - 0.5   (pixel centres at integers; corners off the map read 0)
