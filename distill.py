@@ -652,3 +652,89 @@ class Distiller(nn.Module):
             out_e = self.expert(batch_e)
         losses.update(self.distill_losses(out_e, out_a, batch_e, batch_a))
         return losses
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Pictures: selected queries, focal areas and sampling points over both BEV maps
+# ----------------------------------------------------------------------------------------------------
+
+def _footprint(box):
+    """The 4 ground corners (x, y) of one box [9], in drawing order -> [4, 2]."""
+    return box_corners(box[None], 1.0)[0, [2, 3, 7, 6], :2]
+
+
+@torch.no_grad()
+def vis_focal(distiller, batch, path):
+    """One PNG for the first sample of `batch` (collated, at the expert's resolution): the expert's and the
+    apprentice's BEV maps (per-cell feature norm, in metres), the BEV focal area (yellow outline), the
+    selected expert queries' boxes (red), their last decoder layer's sampling points (cyan, size ~
+    attention weight) and the GT boxes (green, dashed). Returns the number of selected queries."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    d = distiller
+    batch_e, batch_a = model_inputs(batch, d.expert.cfg, d.apprentice.cfg, d.expert_input)
+    was_training = d.apprentice.training
+    d.apprentice.eval()
+    out_a = d.apprentice(batch_a)
+    d.apprentice.train(was_training)
+    out_e = d.expert.eval()(batch_e)
+    sel, boxes = d.focal_queries(out_e, batch_e)
+    pc = d.expert.cfg.pc_range
+    hw = tuple(out_e['bev'].shape[-2:])
+    area = bev_focal_area(boxes[0], hw, pc, d.box_scale).cpu()
+    xs = torch.linspace(pc[0], pc[3], hw[1] + 1)[:-1] + (pc[3] - pc[0]) / hw[1] / 2  # cell centres
+    ys = torch.linspace(pc[1], pc[4], hw[0] + 1)[:-1] + (pc[4] - pc[1]) / hw[0] / 2
+    last = out_e['dec'][-1]
+    loc = last['loc'][0, sel[0]].cpu()  # [K, M, 1, P, 2] normalised (x, y)
+    attn = last['attn'][0, sel[0]].cpu()  # [K, M, 1, P]
+    px, py = pc[0] + loc[..., 0] * (pc[3] - pc[0]), pc[1] + loc[..., 1] * (pc[4] - pc[1])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.5))
+    for ax, name, bev in [(axes[0], f'expert {d.expert.cfg.name}', out_e['bev'][0]),
+                          (axes[1], f'apprentice {d.apprentice.cfg.name}', out_a['bev'][0])]:
+        ax.imshow(bev.float().norm(dim=0).cpu(), origin='lower', cmap='gray', extent=(pc[0], pc[3], pc[1], pc[4]))
+        if area.any():
+            ax.contour(xs, ys, area, levels=[0.5], colors='yellow', linewidths=0.8)
+        for g in batch_e['gt_boxes'][0].float().cpu():
+            ax.add_patch(plt.Polygon(_footprint(g), fill=False, ec='lime', ls='--', lw=0.8))
+        for b in boxes[0].cpu():
+            ax.add_patch(plt.Polygon(_footprint(b), fill=False, ec='red', lw=1.0))
+        ax.scatter(px.flatten(), py.flatten(), s=2 + 30 * attn.flatten(), c='cyan', alpha=0.6, linewidths=0)
+        ax.set_title(f'{name} BEV {tuple(bev.shape[-2:])}: {int(sel[0].sum())} queries ({d.select})')
+        ax.set_xlim(pc[0], pc[3])
+        ax.set_ylim(pc[1], pc[4])
+        ax.set_xlabel('x (m, LIDAR_TOP)')
+        ax.set_ylabel('y (m)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return int(sel[0].sum())
+
+
+def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, out_dir, device):
+    """`evaluate.py --ckpt A.pt --vis-focal K [--teacher E.pt]`: K pictures (vis_focal) spread over the
+    split under out_dir. The expert is --teacher or the one recorded in the checkpoint's arguments."""
+    import os
+
+    import data
+    import evaluate
+    args = evaluate.load_checkpoint(ckpt_path)['args'] if ckpt_path else {}
+    teacher = teacher or args.get('teacher')
+    if not teacher:
+        raise InputError('--vis-focal: give --teacher CKPT (the checkpoint does not name its expert)')
+    expert, _, _ = evaluate.model_from_checkpoint(teacher, '--teacher')
+    d = Distiller(expert=expert.to(device), apprentice=apprentice.to(device), mode='fd3d',
+                  select=args.get('fd3d_select', 'matched+confident'), score=args.get('fd3d_score', 0.3),
+                  box_scale=args.get('fd3d_box_scale', 1.2), areas=args.get('fd3d_areas', 'pred'),
+                  expert_input=args.get('kd_expert_input', 'native'))
+    ds = data.NuScenesDataset(dataroot, version=version, split=split, image_size=tuple(expert.cfg.image_size),
+                              queue_length=max(expert.cfg.queue_length, apprentice.cfg.queue_length), train=False)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i in sorted({int(j) for j in torch.linspace(0, len(ds) - 1, max(1, k))}):
+        batch = data.to_device(data.collate([ds[i]]), device)
+        path = os.path.join(out_dir, f'{i:04d}_{ds.sample_tokens[i]}.png')
+        n = vis_focal(d, batch, path)
+        print(f'wrote {path} ({n} selected queries)')
+        paths.append(path)
+    return paths

@@ -481,6 +481,10 @@ def get_args(argv=None):
     g.add_argument('--out', help='output folder (default: <ckpt folder>/eval_<split>, or runs/oracle)')
     g.add_argument('--format-only', action='store_true', help='write the submission JSON only (test split: no GT)')
     g.add_argument('--vis', type=int, default=0, metavar='K', help='pictures of K samples under OUT/vis/')
+    g.add_argument('--vis-focal', type=int, default=0, metavar='K',
+                   help="FD3D pictures of K samples under OUT/vis_focal/: the expert's selected queries, focal "
+                        "areas and sampling points over both BEV maps (distill.py); needs a distilled --ckpt or --teacher")
+    g.add_argument('--teacher', metavar='CKPT', help='expert checkpoint for --vis-focal (default: the one the --ckpt was trained with)')
     g.add_argument('--speed', action='store_true', help='latency, FPS, parameters and GFLOPs instead of metrics')
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
@@ -511,6 +515,10 @@ def run(args):
         raise InputError('give --ckpt CKPT (or --model NAME with --speed, or --oracle)')
     out = args.out or (os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f'eval_{args.split}')
                        if args.ckpt else os.path.join('runs', 'oracle' if args.oracle else f'{args.model}-eval'))
+    if args.vis_focal:
+        import distill
+        return distill.focal_pictures(model, args.ckpt, args.teacher, args.dataroot, args.version, args.split,
+                                      args.vis_focal, os.path.join(out, 'vis_focal'), device)
     if args.speed:
         if args.oracle:
             raise InputError('--speed times a model: give --model NAME or --ckpt CKPT, not --oracle')

@@ -466,3 +466,13 @@ def test_areas_on_a_real_item_of_the_synthetic_world(tmp_path_factory):
     d = (PC[3] - PC[0]) / 50
     for b in boxes:  # every GT centre's cell is in the BEV area
         assert bev[int((b[1] - PC[1]) // d), int((b[0] - PC[0]) // d)] == 1
+
+
+def test_vis_focal_writes_a_picture(tmp_path):
+    expert, apprentice = small_pair()
+    d = distill.Distiller(expert=expert, apprentice=apprentice, areas='gt', select='confident', score=0.0)
+    path = str(tmp_path / 'focal.png')
+    n = distill.vis_focal(d, bevformer.example_batch(expert.cfg, batch_size=1, num_gt=4), path)
+    assert n == expert.cfg.num_query  # score 0: every query is confident
+    from PIL import Image
+    assert Image.open(path).size[0] > 500
