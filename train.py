@@ -538,7 +538,7 @@ def train(args, explicit=()):
             if world > 1:
                 dist.all_reduce(flags)
             if flags[0] > 0:
-                values = {k: round(float(v), 4) for k, v in losses.items()}
+                values = {k: round(v.item(), 4) for k, v in losses.items()}
                 raise FloatingPointError(f'non-finite loss at iteration {it} (lr {lr:.3g}): {values}')
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -32,13 +32,8 @@ import train  # noqa: E402
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
-    try:
-        from tests.fixtures import small_world
-    except ImportError:   # TEMP until tests/fixtures.py lands
-        out = str(tmp_path_factory.mktemp('world'))
-        data.write_synthetic_world(out, train_scenes=2, val_scenes=2, samples_per_scene=6, progress=False)
-        return out
-    return small_world(str(tmp_path_factory.mktemp('world')))
+    from fixtures import small_world     # 2 train scenes + 1 val scene, 4 samples each, 200x113 images
+    return small_world(tmp_path_factory.mktemp('world'))
 
 
 @dataclasses.dataclass
@@ -361,9 +356,7 @@ def test_bad_inputs_give_one_line_naming_the_culprit(world, tmp_path):
     cases = {
         'missing dataroot': (['train.py', '--dataroot', str(tmp_path / 'nowhere'), '--out', out], 'nowhere'),
         'unknown preset': (['train.py', '--model', 'cpu-huge', '--dataroot', world, '--out', out], 'cpu-huge'),
-        'unknown --set key': (['train.py', '--set', 'bev_hh=3', '--dataroot', world, '--out', out], 'bev_hh'),
         'missing checkpoint': (['evaluate.py', '--ckpt', str(tmp_path / 'none.pt'), '--dataroot', world], 'none.pt'),
-        'missing resume': (['train.py', '--resume', str(tmp_path / 'gone.pt')], 'gone.pt'),
         'corrupt image': (['train.py', '--dataroot', broken, '--iters', '1', '--workers', '1', '--no-eval',
                            '--out', out], 'CAM_FRONT'),
     }
@@ -376,6 +369,15 @@ def test_bad_inputs_give_one_line_naming_the_culprit(world, tmp_path):
         assert len(lines) == 1 and lines[0].startswith('error: '), (name, stderr[-2000:])
         assert cases[name][1] in lines[0], (name, lines[0])
         assert 'Traceback' not in stderr, name
+
+
+def test_bad_flags_in_process(world, tmp_path, capsys):
+    for argv, culprit in [(['--set', 'bev_hh=3'], 'bev_hh'), (['--set', 'bev_h'], 'KEY=VALUE'),
+                          (['--resume', str(tmp_path / 'gone.pt')], 'gone.pt'),
+                          (['--batch-size', '1000'], '--batch-size')]:
+        code = run_train(argv + ['--dataroot', world, '--out', str(tmp_path / 'o'), '--workers', '0', '--no-eval'])
+        err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        assert code == 2 and len(err) == 1 and err[0].startswith('error: ') and culprit in err[0], (argv, err)
 
 
 # ------------------------------------------------------------------------------------------------
