@@ -176,7 +176,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
         try:
             self.nusc = NuScenes(version=version, dataroot=dataroot, verbose=False)
         except (OSError, AssertionError, KeyError, ValueError) as e:
-            raise InputError('%s: cannot load the nuScenes tables (%s: %s)' % (table_dir, type(e).__name__, e)) from None
+            raise InputError('%s: cannot load the nuScenes tables (%s: %s)'
+                             % (table_dir, type(e).__name__, e)) from None
         self.dataroot, self.version, self.split = dataroot, version, split
         self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         self.queue_length, self.train, self.photometric = int(queue_length), bool(train), bool(photometric)

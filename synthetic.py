@@ -38,6 +38,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 from pyquaternion import Quaternion
+from scipy.ndimage import gaussian_filter     # scipy comes with nuscenes-devkit
 from tqdm import tqdm
 
 from nuscenes.utils.data_classes import Box
@@ -310,10 +311,11 @@ class Camera:
 
 
 class Renderer:
+    """Draws one scene's cameras: background (ground, sky) then the boxes, ray-cast with a z-buffer."""
+
     def __init__(self, road, objs, faces, sun, rng, W, H):
         self.road, self.objs, self.faces, self.sun = road, objs, faces, sun
         tex = rng.standard_normal((256, 256)).astype(np.float32)
-        from scipy.ndimage import gaussian_filter            # the devkit brings scipy
         tex = 0.6 * gaussian_filter(tex, 4, mode='wrap') * 4 + 0.4 * gaussian_filter(tex, 1, mode='wrap')
         self.tex = (tex / tex.std()).astype(np.float32)      # tileable, 0.25 m per texel (64 m period)
         self.dash_phase = rng.uniform(0, 9)
@@ -323,7 +325,7 @@ class Renderer:
     def background(self, cam, ego_R, ego_t):
         """Colour [P, 3] and ray depth [P] (inf for sky) of the ground and sky. The world is flat and the
         ego pose is a yaw and a planar position, so each camera's ground hits are fixed in the ego frame
-        (Camera.ground): per frame only the move to global and the road texture are computed."""
+        (Camera.ground_xy): per frame only the move to global and the road texture are computed."""
         g, gxy = cam.ground_idx, cam.ground_xy                 # ground pixels, their ego-frame (x, y)
         gx = ego_R[0, 0] * gxy[:, 0] + ego_R[0, 1] * gxy[:, 1] + np.float32(ego_t[0])
         gy = ego_R[1, 0] * gxy[:, 0] + ego_R[1, 1] * gxy[:, 1] + np.float32(ego_t[1])
@@ -607,12 +609,17 @@ def _scene(args):
         ks = range(inside[0], inside[-1] + 1)
         inst = tok('instance', m)
         moving = objs['v'][m] != 0
-        attr = {0: 'vehicle.moving' if moving else 'vehicle.parked', 1: 'vehicle.moving' if moving else 'vehicle.parked',
-                2: 'vehicle.moving' if moving else 'vehicle.parked', 4: 'vehicle.moving' if moving else 'vehicle.parked',
-                3: 'vehicle.moving' if moving else 'vehicle.stopped',
-                6: 'cycle.with_rider' if moving else 'cycle.without_rider',
-                7: 'cycle.with_rider' if moving else 'cycle.without_rider',
-                8: 'pedestrian.moving' if moving else 'pedestrian.standing'}.get(cls)
+        # BEVFormer's test-time attribute rule (architecture.md 2.12), so GT through the prediction path scores 1
+        if cls in (0, 1, 2, 4):
+            attr = 'vehicle.moving' if moving else 'vehicle.parked'
+        elif cls == 3:
+            attr = 'vehicle.moving' if moving else 'vehicle.stopped'
+        elif cls in (6, 7):
+            attr = 'cycle.with_rider' if moving else 'cycle.without_rider'
+        elif cls == 8:
+            attr = 'pedestrian.moving' if moving else 'pedestrian.standing'
+        else:
+            attr = None                                      # barrier, traffic cone
         for k in ks:
             c, yaw = positions[k][0][m], positions[k][1][m]           # (inside the span: within 110 m)
             n_pts, vis = ann_stats[k].get(int(m), (0, 0.0))
