@@ -428,7 +428,9 @@ def speed(model, cfg, device, amp=False, warmup=3, runs=10):
         if device.type == 'cuda':
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    gflops = count_gflops(model, img, l2i, can_bus, img_shape)
+    # FLOPs of one forward without history (bevformer.count_flops: FlopCounterMode for matmuls and
+    # convolutions plus the deformable-attention op counted by hand)
+    flops = bevformer.count_flops(model, data.to_device(batch, device))
     latency = float(np.median(times))
     where = f'{device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else \
         f'{device} ({torch.cuda.get_device_name(device)})'
@@ -437,28 +439,9 @@ def speed(model, cfg, device, amp=False, warmup=3, runs=10):
           f"previous BEV in the state, data loading and resizing excluded, median of {runs} runs after "
           f"{warmup} warm-up runs")
     print(f"latency {latency * 1000:.1f} ms  FPS {1 / latency:.2f}  parameters {params / 1e6:.2f} M  "
-          f"GFLOPs {'n/a' if gflops is None else f'{gflops:.2f}'}")
-    return {'latency_s': latency, 'fps': 1 / latency, 'params': params, 'gflops': gflops}
-
-
-def count_gflops(model, img, l2i, can_bus, img_shape):
-    """GFLOPs of one predict call (no previous BEV): bevformer.count_flops when the model file
-    provides it, else torch's FlopCounterMode (a multiply-add of a matmul or convolution = 2 FLOPs;
-    ops it does not know, such as the deformable-attention sampling, count 0)."""
-    import bevformer
-    if hasattr(bevformer, 'count_flops'):
-        return bevformer.count_flops(model, img, l2i, can_bus=can_bus) / 1e9
-    from torch.utils.flop_counter import FlopCounterMode
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():      # the counter's module tracker trips over grad-less leaves
-        p.requires_grad_(False)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model.predict(img, l2i, can_bus=can_bus, img_shape=img_shape, scene_token='flops')
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-    return counter.get_total_flops() / 1e9
+          f"GFLOPs {flops['gflops']:.2f} (2 per multiply-add; {flops['gmacs']:.2f} G multiply-adds, the unit "
+          f"mmcv and the FD3D paper call GFLOPs)")
+    return {'latency_s': latency, 'fps': 1 / latency, 'params': params, **flops}
 
 
 # ------------------------------------------------------------------------------------------------
