@@ -432,3 +432,23 @@ def test_default_world_ground_truth_scores_one(tmp_path_factory):
     m = evaluate(ds, submission(ds), str(tmp_path_factory.mktemp('default_eval')))
     assert m.mean_ap >= 0.99 and m.nd_score >= 0.99, (m.mean_ap, m.nd_score, m.tp_errors)
     test_no_two_objects_overlap(ds)
+
+
+def test_load_image_keeps_resize_geometry(tmp_path):
+    """The fast JPEG draft decode is used only for exact 1/k sizes: the result matches a plain bilinear
+    resize (exactly for 225 rows -> 113, closely for 450 -> 225 decoded at 1/2)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 255, (225, 400, 3), dtype=np.uint8)).resize((400, 225))
+    from scipy.ndimage import gaussian_filter
+    smooth = gaussian_filter(rng.uniform(0, 255, (450, 800, 3)), (6, 6, 0))
+    big = Image.fromarray(np.clip((smooth - smooth.mean()) * 8 + 128, 0, 255).astype(np.uint8))
+    for im, size, tol in ((small, (200, 113), 0.0), (big, (400, 225), 1.5)):
+        path = str(tmp_path / ('%dx%d.jpg' % im.size))
+        im.save(path, quality=90)
+        out, native = data.load_image(path, size)
+        ref = np.asarray(Image.open(path).convert('RGB').resize(size, Image.BILINEAR), np.float32)
+        assert native == im.size and out.shape == (size[1], size[0], 3)
+        assert np.abs(out - ref).mean() <= tol
+        if tol:                                  # a half-pixel shift would be far larger
+            assert np.abs(out[:, 1:] - ref[:, :-1]).mean() > 3 * tol
