@@ -513,8 +513,8 @@ class Distiller(nn.Module):
              f'({tuple(ce.pc_range)} vs {tuple(ca.pc_range)})'),
             (ce.num_classes == ca.num_classes, f'--teacher: expert {ce.name} has {ce.num_classes} classes, '
                                                f'apprentice {ca.name} {ca.num_classes}'),
-            (ce.detector == 'bevformer' or mode == 'none',
-             f'--distill {mode}: distilling {ce.detector} needs BEV features; only --distill none is available'),
+            (ce.detector == 'bevformer' or mode != 'fitnet',
+             f'--distill {mode}: {ce.detector} has no BEV features (use fd3d, mgd, heatmap or none)'),
         ]
         for ok, msg in checks:
             if not ok:
@@ -531,15 +531,17 @@ class Distiller(nn.Module):
             init_head_from_expert(apprentice, expert)
 
         # training-only modules, only those the mode uses (DDP wants every parameter used)
-        fd3d_bev = mode == 'fd3d' and ('bev' in parts or 'focal' in parts)
-        fd3d_pv = mode == 'fd3d' and 'pv' in parts
+        # DETR3D has no BEV (fd3d.md 6): its focal term samples the generated PV maps, 'bev' is ignored
+        has_bev = ce.detector == 'bevformer'
+        fd3d_bev = has_bev and mode == 'fd3d' and ('bev' in parts or 'focal' in parts)
+        fd3d_pv = mode == 'fd3d' and ('pv' in parts or (not has_bev and 'focal' in parts))
         C_e, C_a = ce.embed_dims, ca.embed_dims
-        hw_e, hw_a = (ce.bev_h, ce.bev_w), (ca.bev_h, ca.bev_w)
         self.kd = nn.ModuleDict()
-        if fd3d_bev or mode in ('mgd', 'fitnet', 'heatmap'):
+        if has_bev and (fd3d_bev or mode in ('mgd', 'fitnet', 'heatmap')):
+            hw_e, hw_a = (ce.bev_h, ce.bev_w), (ca.bev_h, ca.bev_w)
             self.kd['bev_adapter'] = adapter(C_a, C_e)
             self.kd['bev_up'] = BEVUpsampler(C_e, hw_a, hw_e)
-        if fd3d_bev or mode == 'mgd':
+        if fd3d_bev or (has_bev and mode == 'mgd'):
             self.kd['bev_gen'] = Generator(C_e)
         if fd3d_pv or mode in ('mgd', 'heatmap'):
             self.kd['pv_adapters'] = nn.ModuleList(adapter(C_a, C_e) for _ in range(ca.fpn_levels))
@@ -583,9 +585,10 @@ class Distiller(nn.Module):
         return [torch.stack([s[lvl] for s in per_sample]) for lvl in range(len(level_hw))]
 
     # ---- the distillation terms -------------------------------------------------------------------
-    def pv_terms(self, out_e, out_a, batch_e, batch_a, boxes, generate):
+    def pv_terms(self, out_e, out_a, batch_e, batch_a, boxes, generate, keep=None):
         """Per apprentice FPN level: masked generation (fd3d, mgd) or channel-wise distillation
-        (heatmap), against the expert level of the same stride."""
+        (heatmap), against the expert level of the same stride. `keep` (a dict) receives, per expert
+        level j, (generated map, expert target) as [B*N, C, h, w] (DETR3D's focal term samples them)."""
         pad_e, pad_a = tuple(batch_e['img'].shape[-2:]), tuple(batch_a['img'].shape[-2:])
         se = torch.as_tensor(batch_e['img_shape']).reshape(-1, 2)[0].tolist()
         sa = torch.as_tensor(batch_a['img_shape']).reshape(-1, 2)[0].tolist()
@@ -605,6 +608,8 @@ class Distiller(nn.Module):
                 f_hat = masked_generation(f_a.flatten(0, 1), area_a[i].flatten(0, 1), self.kd['pv_adapters'][i],
                                           align, self.kd['pv_gens'][i], self.mask_ratio, f_e.shape[-2:])
                 terms[f'kd_pv_{i}'] = self.w['pv'] * gen_loss(f_hat, f_e, area_e[j].flatten(0, 1), self.bg_weight)
+                if keep is not None:
+                    keep[j] = (f_hat, f_e)
             else:
                 f_a = align(self.kd['pv_adapters'][i](f_a.flatten(0, 1)), f_e.shape[-2:])
                 terms[f'kd_cwd_{i}'] = self.w['cwd'] * cwd_loss(f_a, f_e, self.cwd_tau)
@@ -612,6 +617,9 @@ class Distiller(nn.Module):
 
     def distill_losses(self, out_e, out_a, batch_e, batch_a):
         """The weighted distillation terms of the mode (a dict of scalars)."""
+        if 'bev' not in out_e:  # DETR3D: PV generation + focal distillation at the reference points
+            import detr3d
+            return detr3d.distill_terms(self, out_e, out_a, batch_e, batch_a)
         kd, terms = self.kd, {}
         bev_e, bev_a = out_e['bev'], out_a['bev']
         hw_e, hw_a = tuple(bev_e.shape[-2:]), tuple(bev_a.shape[-2:])
@@ -738,3 +746,232 @@ def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, 
         print(f'wrote {path} ({n} selected queries)')
         paths.append(path)
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. CLI: the time breakdown of a distillation step, and the paper's table in miniature
+# ----------------------------------------------------------------------------------------------------
+
+PAIRS = {'cpu': ('cpu-base', 'cpu-tiny'), 'paper-tiny': ('base-r101', 'fd3d-tiny'), 'paper-small': ('base', 'fd3d-small')}
+
+
+def bench(pair='cpu', device='cpu', iters=3, warmup=1):
+    """Print the time breakdown of one FD3D training step (batch 1, random weights, full history):
+    expert forward, apprentice forward(+loss)/backward, distillation losses with generators, and the
+    distillation overhead (everything except the expert's forward) relative to the apprentice-only step.
+    Also prints each term's starting magnitude beside the detection loss (how the weights were chosen)."""
+    import dataclasses
+    import os
+    import time
+    dev = torch.device(device)
+    e_name, a_name = PAIRS[pair]
+    torch.manual_seed(0)
+    expert = bevformer.BEVFormer(bevformer.get_config(e_name)).to(dev)
+    apprentice = bevformer.BEVFormer(bevformer.get_config(a_name)).to(dev)
+    d = Distiller(expert=expert, apprentice=apprentice, mode='fd3d').to(dev).train()
+    queue = max(expert.cfg.queue_length, apprentice.cfg.queue_length)
+    import data
+    batch = data.to_device(bevformer.example_batch(dataclasses.replace(expert.cfg, queue_length=queue)), dev)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
+
+    def clock():  # (wall, CPU seconds of this process): the second is steadier on a shared machine
+        sync()
+        return torch.tensor([time.perf_counter(), time.process_time()])
+
+    rows = []
+    for it in range(warmup + iters):
+        t0 = clock()
+        be, ba = model_inputs(batch, expert.cfg, apprentice.cfg)
+        t1 = clock()
+        with torch.no_grad():
+            out_e = expert(be)
+        t2 = clock()
+        out_a = apprentice(ba)
+        det = apprentice.loss(out_a, ba)
+        t3 = clock()
+        kd = d.distill_losses(out_e, out_a, be, ba)
+        t4 = clock()
+        (sum(det.values()) + sum(kd.values())).backward()
+        t5 = clock()
+        d.zero_grad(set_to_none=True)
+        # the apprentice alone on the same inputs (mode 'none')
+        ba = model_inputs(batch, expert.cfg, apprentice.cfg)[1]
+        t6 = clock()
+        loss = sum(apprentice.loss(apprentice(ba), ba).values())
+        t7 = clock()
+        loss.backward()
+        t8 = clock()
+        d.zero_grad(set_to_none=True)
+        if it >= warmup:
+            rows.append(dict(inputs=t1 - t0, expert_fwd=t2 - t1, app_fwd_loss=t3 - t2, kd_losses=t4 - t3,
+                             backward=t5 - t4, step=t5 - t0, app_fwd_only=t7 - t6, app_bwd_only=t8 - t7,
+                             app_only=t8 - t6))
+        if it == 0:
+            ldet = float(sum(det.values()).detach())
+            raw = {k: float(v.detach()) / {'kd_b': d.w['bev'], 'kd_f': d.w['focal'], 'kd_p': d.w['pv']}[k[:4]]
+                   for k, v in kd.items()}
+    med = {k: torch.stack([r[k] for r in rows]).median(0).values.tolist() for k in rows[0]}  # [wall, cpu]
+    # what distillation adds to the apprentice's own step, the expert's forward aside: the input
+    # downscale, the losses with their modules, and the extra backward through generators/upsampler
+    overhead = [med['inputs'][i] + med['kd_losses'][i] + max(0.0, med['backward'][i] - med['app_bwd_only'][i])
+                for i in range(2)]
+    print(f'FD3D step {e_name} -> {a_name} on {dev} (batch 1, history {queue - 1} frames, random weights, '
+          f'median of {iters} after {warmup} warm-up; {torch.get_num_threads()} threads, '
+          f'load average {os.getloadavg()[0]:.1f})')
+    print(f'  {"":40s} {"wall s":>8s} {"CPU s":>8s}')
+    for k, label in [('inputs', 'inputs (apprentice downscale)'), ('expert_fwd', 'expert forward (no grad)'),
+                     ('app_fwd_loss', 'apprentice forward + loss'), ('kd_losses', 'distillation losses + generators'),
+                     ('backward', 'backward (apprentice + generators)'), ('step', 'FD3D step total'),
+                     ('app_fwd_only', 'apprentice alone: forward + loss'), ('app_bwd_only', 'apprentice alone: backward'),
+                     ('app_only', 'apprentice-only step (fwd+loss+bwd)')]:
+        print(f'  {label:40s} {med[k][0]:8.3f} {med[k][1]:8.3f}')
+    print(f'  {"distillation overhead (inputs+losses+extra bwd)":40s} {overhead[0]:8.3f} {overhead[1]:8.3f}'
+          f'   = {overhead[0] / med["app_only"][0]:.2f}x wall, {overhead[1] / med["app_only"][1]:.2f}x CPU '
+          'of the apprentice-only step (target <= 0.5x)')
+    print(f'  starting magnitudes: detection loss {ldet:.2f}; unweighted ' +
+          ', '.join(f'{k} {v:.3f}' for k, v in raw.items()) + '; weighted ' +
+          ', '.join(f'{k} {float(v.detach()):.3f}' for k, v in kd.items()))
+    return med
+
+
+TABLE_RUNS = [  # (row name, --distill mode, extra train.py flags, seeds)
+    ('none', 'none', [], 3),
+    ('fitnet', 'fitnet', [], 1),
+    ('heatmap', 'heatmap', [], 1),
+    ('mgd', 'mgd', [], 1),
+    ('fd3d', 'fd3d', [], 3),
+    ('fd3d w/o focal', 'fd3d', ['--fd3d-parts', 'pv,bev'], 1),
+    ('fd3d w/o generation', 'fd3d', ['--fd3d-parts', 'focal', '--fd3d-mask-ratio', '0'], 1),
+    ('fd3d areas from GT', 'fd3d', ['--fd3d-areas', 'gt'], 1),
+]
+TABLE_WORLD = dict(version='v1.0-trainval', train_scenes=24, val_scenes=12, samples_per_scene=40)
+TABLE_FIELDS = ['run', 'seed', 'mode', 'flags', 'iters', 'NDS', 'mAP', 'minutes']
+
+
+def read_table(csv_path):
+    """Finished rows of the table CSV (an absent file: none)."""
+    import csv
+    import os
+    if not os.path.exists(csv_path):
+        return []
+    with open(csv_path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def train_command(dataroot, out, iters, extra):
+    """The train.py command of one table run (one fixed schedule for every apprentice run)."""
+    import sys
+    return [sys.executable, 'train.py', '--dataroot', dataroot, '--version', TABLE_WORLD['version'],
+            '--iters', str(iters), '--out', out, '--workers', '2', '--log-every', '50'] + extra
+
+
+def run_subprocess(cmd, log_path):
+    """Run one train.py command, its output into log_path; -> (return code, last stdout line)."""
+    import subprocess
+    with open(log_path, 'a') as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        log.write(proc.stdout)
+    lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
+    return proc.returncode, lines[-1] if lines else ''
+
+
+def run_table(out='runs/table', dataroot='data/table_world', iters=3000, expert_iters=6000, runs=TABLE_RUNS,
+              runner=run_subprocess, only=None):
+    """The paper's table in miniature (expert cpu-base, apprentice cpu-tiny), resumable: a run whose row is
+    in OUT/table.csv is skipped; an interrupted run continues from its last.pt (`train.py --resume`);
+    every finished run appends its row at once, so the command can run in parts. -> the CSV rows."""
+    import csv
+    import os
+    import time
+    os.makedirs(out, exist_ok=True)
+    if not os.path.isdir(dataroot):
+        import data
+        print(f'writing the table world to {dataroot}: {TABLE_WORLD}')
+        data.write_synthetic_world(dataroot, **TABLE_WORLD)
+    csv_path = os.path.join(out, 'table.csv')
+    done = {(r['run'], r['seed']) for r in read_table(csv_path)}
+    expert = os.path.join(out, 'expert', 'last.pt')
+    jobs = [('expert cpu-base', None, ['--model', 'cpu-base', '--seed', '0'], 0, expert_iters, 'expert')]
+    for name, mode, flags, seeds in runs:
+        for seed in range(seeds):
+            folder = f"{name.replace(' ', '_').replace('/', '')}-s{seed}"
+            jobs.append((name, mode, ['--teacher', expert, '--student', 'cpu-tiny', '--distill', mode,
+                                      '--seed', str(seed)] + flags, seed, iters, folder))
+    for name, mode, flags, seed, n_iters, folder in jobs:
+        if (name, str(seed)) in done or (only and name not in only and mode is not None):
+            continue
+        run_dir = os.path.join(out, folder)
+        ckpt = os.path.join(run_dir, 'last.pt')
+        cmd = train_command(dataroot, run_dir, n_iters, flags)
+        if os.path.exists(ckpt):  # interrupted earlier: continue exactly where it stopped
+            cmd = cmd + ['--resume', ckpt]
+        print(f'[table] {name} seed {seed}: {" ".join(cmd[1:])}', flush=True)
+        start = time.time()
+        os.makedirs(run_dir, exist_ok=True)
+        code, last = runner(cmd, os.path.join(run_dir, 'table_log.txt'))
+        parts = last.split()
+        if code != 0 or len(parts) != 4 or parts[0] != 'NDS':
+            raise RuntimeError(f'table run {name} seed {seed} failed (exit {code}); see {run_dir}/table_log.txt')
+        row = dict(run=name, seed=seed, mode=mode or 'expert', flags=' '.join(flags), iters=n_iters,
+                   NDS=float(parts[1]), mAP=float(parts[3]), minutes=round((time.time() - start) / 60, 1))
+        new = not os.path.exists(csv_path)
+        with open(csv_path, 'a', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        print(f'[table] {name} seed {seed}: NDS {row["NDS"]:.4f} mAP {row["mAP"]:.4f}', flush=True)
+    rows = read_table(csv_path)
+    print(summarise_table(rows))
+    return rows
+
+
+def summarise_table(rows):
+    """Markdown table: NDS and mAP mean +- standard deviation over seeds per run."""
+    import statistics
+    order, groups = [], {}
+    for r in rows:
+        if r['run'] not in groups:
+            order.append(r['run'])
+        groups.setdefault(r['run'], []).append(r)
+    lines = ['| run | seeds | NDS | mAP |', '|---|---|---|---|']
+    for name in order:
+        g = groups[name]
+        cell = []
+        for key in ('NDS', 'mAP'):
+            v = [100 * float(r[key]) for r in g]
+            cell.append(f'{statistics.mean(v):.2f}' + (f' +- {statistics.stdev(v):.2f}' if len(v) > 1 else ''))
+        lines.append(f'| {name} | {len(g)} | {cell[0]} | {cell[1]} |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(description='FD3D: `bench` (time breakdown of a distillation step) and `table` '
+                                            '(the paper\'s table in miniature on the synthetic world).')
+    sub = p.add_subparsers(dest='cmd', required=True)
+    b = sub.add_parser('bench', help='time breakdown of one FD3D training step')
+    b.add_argument('--pair', default='cpu', choices=sorted(PAIRS), help='expert -> apprentice presets')
+    b.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    b.add_argument('--iters', type=int, default=3, help='timed iterations (after one warm-up)')
+    t = sub.add_parser('table', help='the miniature table (resumable; results accumulate in OUT/table.csv)')
+    t.add_argument('--out', default='runs/table', help='runs and table.csv')
+    t.add_argument('--dataroot', default='data/table_world', help='the table world (written if missing)')
+    t.add_argument('--iters', type=int, default=3000, help='iterations of every apprentice run (one schedule)')
+    t.add_argument('--expert-iters', type=int, default=6000, help='iterations of the cpu-base expert')
+    t.add_argument('--only', help='comma-separated row names to run now (the expert always comes first)')
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == 'bench':
+            bench(args.pair, args.device, args.iters)
+        else:
+            run_table(args.out, args.dataroot, args.iters, args.expert_iters,
+                      only=set(args.only.split(',')) if args.only else None)
+    except (InputError, RuntimeError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()

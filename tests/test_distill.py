@@ -476,3 +476,45 @@ def test_vis_focal_writes_a_picture(tmp_path):
     assert n == expert.cfg.num_query  # score 0: every query is confident
     from PIL import Image
     assert Image.open(path).size[0] > 500
+
+
+def test_table_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
+    """`python distill.py table` logic on a tiny schedule with a stand-in runner (the real runs take hours):
+    the expert first, rows accumulate in the CSV, finished runs are skipped, an interrupted run (its
+    last.pt exists, no row) is resumed with --resume, a failed run stops the table with its log named."""
+    import os
+    os.makedirs(tmp_path / 'world')
+    calls = []
+
+    def runner(cmd, log_path, fail=()):
+        calls.append(cmd)
+        out = cmd[cmd.index('--out') + 1]
+        name = os.path.basename(out)
+        if name in fail:
+            return 1, 'Traceback'
+        open(os.path.join(out, 'last.pt'), 'w').close()
+        return 0, f'NDS 0.{len(calls):04d} mAP 0.0100'
+
+    runs = [('none', 'none', [], 2), ('fd3d w/o focal', 'fd3d', ['--fd3d-parts', 'pv,bev'], 1)]
+    with pytest.raises(RuntimeError, match='fd3d w/o focal seed 0 failed .*table_log.txt'):
+        distill.run_table(str(tmp_path / 'out'), str(tmp_path / 'world'), iters=5, expert_iters=7, runs=runs,
+                          runner=lambda c, p: runner(c, p, fail={'fd3d_wo_focal-s0'}))
+    first = [os.path.basename(c[c.index('--out') + 1]) for c in calls]
+    assert first == ['expert', 'none-s0', 'none-s1', 'fd3d_wo_focal-s0']
+    assert calls[0][calls[0].index('--iters') + 1] == '7' and calls[1][calls[1].index('--iters') + 1] == '5'
+    assert '--teacher' in calls[1] and calls[3][-2:] == ['--fd3d-parts', 'pv,bev'] and '--resume' not in calls[3]
+    assert [(r['run'], r['seed']) for r in distill.read_table(str(tmp_path / 'out' / 'table.csv'))] == [
+        ('expert cpu-base', '0'), ('none', '0'), ('none', '1')]
+    # the failed run left a last.pt (as an interrupted run does): the second call resumes it only
+    open(tmp_path / 'out' / 'fd3d_wo_focal-s0' / 'last.pt', 'w').close()
+    calls.clear()
+    rows = distill.run_table(str(tmp_path / 'out'), str(tmp_path / 'world'), iters=5, expert_iters=7, runs=runs,
+                             runner=runner)
+    assert len(calls) == 1 and calls[0][-2:] == ['--resume', str(tmp_path / 'out' / 'fd3d_wo_focal-s0' / 'last.pt')]
+    assert [r['run'] for r in rows] == ['expert cpu-base', 'none', 'none', 'fd3d w/o focal']
+    calls.clear()
+    distill.run_table(str(tmp_path / 'out'), str(tmp_path / 'world'), iters=5, expert_iters=7, runs=runs,
+                      runner=runner)
+    assert calls == []  # everything finished: nothing runs again
+    table = distill.summarise_table(rows)
+    assert '| none | 2 |' in table and '+-' in table.splitlines()[3]
