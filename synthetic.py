@@ -33,6 +33,7 @@ devkit needs are in the spec `nuscenes-format.md`; the world itself:
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -670,6 +671,13 @@ def write_synthetic_world(out, version='v1.0-mini', train_scenes=None, val_scene
                          % samples_per_scene)
     if not 0.02 <= image_scale <= 1.0:
         raise WorldSpecError('--image-scale %g: expected a fraction of 1600x900 in [0.02, 1]' % image_scale)
+    # A new folder is written under a temporary name and renamed at the end, so an interrupted run never
+    # leaves a half world that looks complete (train.py writes the world when the folder is missing).
+    final, fresh = out, not os.path.exists(out)
+    if fresh:
+        out = out.rstrip('/\\') + '.partial'
+        if os.path.isdir(out):
+            shutil.rmtree(out)
     for sub in [version, 'maps'] + ['samples/' + c for c in CAMERAS + ('LIDAR_TOP',)]:
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     names = train + val
@@ -708,6 +716,9 @@ def write_synthetic_world(out, version='v1.0-mini', train_scenes=None, val_scene
     for name, records in tables.items():
         with open(os.path.join(out, version, name + '.json'), 'w') as f:
             json.dump(records, f, separators=(',', ':'))
+    if fresh:
+        os.replace(out, final)
+        out = final
     size = 0
     for root, _, files in os.walk(out):
         size += sum(os.path.getsize(os.path.join(root, f)) for f in files)
