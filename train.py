@@ -109,6 +109,9 @@ def make_parser():
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu', 'cuda'")
     g.add_argument('--amp', action='store_true', help='fp16 autocast and loss scaling (CUDA only; ignored on CPU)')
+    g.add_argument('--threads', type=int, default=0,
+                   help='torch CPU threads per process (0: torch\'s default, or CPUs / processes under torchrun; '
+                        '1 is faster on a machine shared with other jobs)')
     return p
 
 
@@ -370,6 +373,8 @@ def train(args, explicit=()):
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
+    if args.threads or world > 1:
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
 
     # -- resume: the checkpoint's arguments, except flags typed now ------------------------------
     ckpt = None
