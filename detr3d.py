@@ -224,6 +224,33 @@ def fd3d_focal_loss(fpn_hat, fpn_e, dec, sel):
     return total / len(dec)
 
 
+def distill_terms(distiller, out_e, out_a, batch_e, batch_a):
+    """`distill.Distiller.distill_losses` for a DETR3D pair (it calls this when the expert has no BEV).
+
+    fd3d:    kd_pv_<l>, masked generation per apprentice FPN level inside the selected expert queries'
+             projected boxes (the Distiller's PV path, unchanged), and kd_focal, `fd3d_focal_loss` on
+             those same generated maps against the same (standardised) expert targets;
+    mgd:     kd_pv_<l> with the random mask over the whole maps;
+    heatmap: kd_cwd_<l>, the baseline's channel-wise FPN half (its BEV half does not apply).
+    fitnet is BEV-only and refused by the Distiller. `--fd3d-parts` may hold pv and/or focal."""
+    d = distiller
+    if d.mode == 'heatmap':
+        return d.pv_terms(out_e, out_a, batch_e, batch_a, None, generate=False)
+    sel, boxes = d.focal_queries(out_e, batch_e) if d.mode == 'fd3d' else (None, None)
+    parts = d.parts if d.mode == 'fd3d' else ('pv',)
+    generated = {}                                  # expert level -> (F^, F_E target), [B*N, C, h, w]
+    pv = d.pv_terms(out_e, out_a, batch_e, batch_a, boxes, generate=True, keep=generated)
+    terms = pv if 'pv' in parts else {}
+    if 'focal' in parts:
+        B, N = out_e['fpn'][0].shape[:2]
+        unflat = lambda f: f.view(B, N, *f.shape[1:])                      # noqa: E731  [B, N, C, h, w]
+        levels = range(len(out_e['fpn']))
+        hats = [unflat(generated[j][0]) if j in generated else None for j in levels]
+        targets = [unflat(generated[j][1]) if j in generated else None for j in levels]
+        terms['kd_focal'] = d.w['focal'] * fd3d_focal_loss(hats, targets, out_e['dec'], sel)
+    return terms
+
+
 # ---------------------------------------------------------------------------------------------
 # The detector
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +418,9 @@ def convert(official_path, preset, out_path):
 # ---------------------------------------------------------------------------------------------
 
 def train_step_time(cfg, iters=3, threads=2, seed=0):
-    """Median seconds of one training iteration on the CPU (batch 1, forward + loss + backward + AdamW)."""
+    """Median (wall, CPU) seconds of one training iteration on the CPU (batch 1, forward + loss +
+    backward + AdamW). The CPU time (all threads) bounds the wall time of an idle machine from above
+    and, unlike the wall time, barely moves when other processes share the cores."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = DETR3D(cfg).train()
@@ -399,13 +428,13 @@ def train_step_time(cfg, iters=3, threads=2, seed=0):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     times = []
     for _ in range(iters + 1):                                   # the first one warms up
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss = sum(model.loss(model(batch), batch).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[1:]))
+        times.append((time.perf_counter() - t, time.process_time() - c))
+    return tuple(float(v) for v in np.median(np.array(times[1:]), 0))
 
 
 def bench(presets, iters=3, threads=2, step_presets=('detr3d-cpu-tiny', 'detr3d-cpu-base')):
@@ -424,7 +453,8 @@ def bench(presets, iters=3, threads=2, step_presets=('detr3d-cpu-tiny', 'detr3d-
         del model
     print(f'# CPU training step (batch 1, forward+loss+backward+AdamW, {threads} threads, median of {iters})')
     for name in step_presets:
-        print(f'{name:<16} {train_step_time(get_config(name), iters, threads):.2f} s/iter', flush=True)
+        wall, cpu = train_step_time(get_config(name), iters, threads)
+        print(f'{name:<16} {wall:.2f} s/iter wall, {cpu:.2f} s CPU', flush=True)
 
 
 def main(argv=None):

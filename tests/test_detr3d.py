@@ -367,6 +367,49 @@ def test_fd3d_focal_loss_invariants():
     assert 0 < part < expect
 
 
+class IdentityAlign(torch.nn.Module):
+    def forward(self, x, hw):
+        return x
+
+
+def test_distiller_on_a_detr3d_pair_zero_at_equality_positive_otherwise():
+    """distill.Distiller hands a DETR3D pair to detr3d.distill_terms: fd3d gives kd_pv_<l> and kd_focal,
+    mgd kd_pv_<l>, heatmap kd_cwd_<l>; fitnet (BEV only) is refused. With identity adapters and
+    generators, no mask, no standardisation and A's features equal to E's, every term is 0; noise -> > 0."""
+    import distill
+    torch.manual_seed(0)
+    cfg = small_cfg(num_query=60, image_size=(96, 54))
+    expert, apprentice = detr3d.DETR3D(cfg).eval(), detr3d.DETR3D(cfg)
+    _randomize(expert)
+    with pytest.raises(InputError, match='--distill fitnet'):
+        distill.Distiller(expert=expert, apprentice=apprentice, mode='fitnet')
+    batch = bf.example_batch(cfg, batch_size=2, history=False, num_gt=6)
+    names = {'fd3d': ['kd_focal', 'kd_pv_0', 'kd_pv_1', 'kd_pv_2'], 'mgd': ['kd_pv_0', 'kd_pv_1', 'kd_pv_2'],
+             'heatmap': ['kd_cwd_0', 'kd_cwd_1', 'kd_cwd_2']}
+    for mode, keys in names.items():
+        d = distill.Distiller(expert=expert, apprentice=apprentice, mode=mode, mask_ratio=0.0, pv_norm='none',
+                              areas='gt', select='matched')
+        assert not any(k.startswith('bev') for k in d.kd)
+        for k in list(d.kd):
+            d.kd[k] = torch.nn.ModuleList(torch.nn.Identity() for _ in d.kd[k])
+        be, ba = distill.model_inputs(batch, cfg, cfg)
+        with torch.no_grad():
+            out_e = expert(be)
+        out_a = {'fpn': [f.clone() for f in out_e['fpn']], 'dec': out_e['dec']}
+        terms = d.distill_losses(out_e, out_a, be, ba)
+        assert sorted(terms) == keys and all(float(v) < 1e-6 for v in terms.values()), (mode, terms)
+        noisy = {'fpn': [f + 0.5 * torch.randn_like(f) for f in out_a['fpn']], 'dec': out_e['dec']}
+        terms = d.distill_losses(out_e, noisy, be, ba)
+        assert all(float(v) > 1e-4 for v in terms.values()), (mode, terms)
+    # the whole Distiller forward (a trainable generator set) reaches the apprentice and not the expert
+    d = distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d', parts='focal')
+    losses = d(batch)
+    assert 'kd_focal' in losses and not any(k.startswith('kd_pv') for k in losses)
+    sum(losses.values()).backward()
+    assert apprentice.neck.fpn_convs[0].weight.grad is not None and d.kd['pv_gens'][0][0].weight.grad is not None
+    assert all(p.grad is None for p in expert.parameters())
+
+
 # ---------------------------------------------------------------------------------------------
 # train.py and evaluate.py on a DETR3D preset
 # ---------------------------------------------------------------------------------------------
