@@ -309,6 +309,12 @@ def test_submission_has_every_token_and_devkit_fields(world, stand_in, tmp_path)
     box = next(b for v in sub['results'].values() for b in v)
     assert set(box) == {'sample_token', 'translation', 'size', 'rotation', 'velocity', 'detection_name',
                         'detection_score', 'attribute_name'}
+    # --format-only: the submission, no scoring
+    out = str(tmp_path / 'fmt')
+    evaluate.main(['--model', 'stand-in', '--dataroot', world, '--format-only', '--out', out, '--workers', '0'])
+    with open(os.path.join(out, 'results_nusc.json')) as f:
+        assert set(json.load(f)['results']) == set(ds.sample_tokens)
+    assert not os.path.exists(os.path.join(out, 'metrics_summary.json'))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,6 +406,50 @@ def test_torchrun_two_cpu_processes(world, tmp_path):
     ds = data.NuScenesDataset(world, split='val')
     with open(os.path.join(out, 'results_nusc.json')) as f:
         assert set(json.load(f)['results']) == set(ds.sample_tokens)   # every val sample, from both ranks
+
+
+# ------------------------------------------------------------------------------------------------
+# Slow: the same properties with the real cpu-tiny, through the command line
+
+
+@pytest.mark.slow
+def test_real_ctrl_c_and_resume_are_bit_identical_cpu_tiny(world, tmp_path):
+    import time
+    common = [sys.executable, 'train.py', '--dataroot', world, '--iters', '8', '--warmup', '2', '--log-every', '1',
+              '--no-eval', '--threads', '1', '--seed', '5'] + SMALLER
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    r = subprocess.run(common + ['--out', a, '--workers', '0'], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    proc = subprocess.Popen(common + ['--out', b, '--workers', '2'], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = os.path.join(b, 'log.jsonl')
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:     # Ctrl-C once two iterations are logged
+        if os.path.exists(log) and len(train.read_log(log)) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 130 and 'interrupted: saved' in stdout, stderr[-2000:]
+    assert 2 <= torch.load(os.path.join(b, 'last.pt'), weights_only=True)['iter'] < 8
+    r = subprocess.run([sys.executable, 'train.py', '--resume', os.path.join(b, 'last.pt')], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wa, wb = _weights(os.path.join(a, 'last.pt')), _weights(os.path.join(b, 'last.pt'))
+    assert wb['iter'] == 8
+    assert all(torch.equal(wa['model'][k], wb['model'][k]) for k in wa['model'])
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_cpu_tiny(world, tmp_path):
+    out = str(tmp_path / 'ddp')
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'train.py', '--dataroot', world, '--iters', '3', '--warmup', '1', '--log-every', '1',
+                        '--workers', '0', '--out', out] + SMALLER, cwd=ROOT, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith('NDS ')
+    assert torch.load(os.path.join(out, 'last.pt'), weights_only=True)['iter'] == 3
 
 
 if __name__ == '__main__' and '--stand-in' in sys.argv:
