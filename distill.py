@@ -858,10 +858,10 @@ def read_table(csv_path):
         return list(csv.DictReader(f))
 
 
-def train_command(dataroot, out, iters, extra):
+def train_command(dataroot, version, out, iters, extra):
     """The train.py command of one table run (one fixed schedule for every apprentice run)."""
     import sys
-    return [sys.executable, 'train.py', '--dataroot', dataroot, '--version', TABLE_WORLD['version'],
+    return [sys.executable, 'train.py', '--dataroot', dataroot, '--version', version,
             '--iters', str(iters), '--out', out, '--workers', '2', '--log-every', '50'] + extra
 
 
@@ -875,8 +875,8 @@ def run_subprocess(cmd, log_path):
     return proc.returncode, lines[-1] if lines else ''
 
 
-def run_table(out='runs/table', dataroot='data/table_world', iters=3000, expert_iters=6000, runs=TABLE_RUNS,
-              runner=run_subprocess, only=None):
+def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_iters=4000, runs=TABLE_RUNS,
+              runner=run_subprocess, only=None, version=TABLE_WORLD['version']):
     """The paper's table in miniature (expert cpu-base, apprentice cpu-tiny), resumable: a run whose row is
     in OUT/table.csv is skipped; an interrupted run continues from its last.pt (`train.py --resume`);
     every finished run appends its row at once, so the command can run in parts. -> the CSV rows."""
@@ -902,7 +902,7 @@ def run_table(out='runs/table', dataroot='data/table_world', iters=3000, expert_
             continue
         run_dir = os.path.join(out, folder)
         ckpt = os.path.join(run_dir, 'last.pt')
-        cmd = train_command(dataroot, run_dir, n_iters, flags)
+        cmd = train_command(dataroot, version, run_dir, n_iters, flags)
         if os.path.exists(ckpt):  # interrupted earlier: continue exactly where it stopped
             cmd = cmd + ['--resume', ckpt]
         print(f'[table] {name} seed {seed}: {" ".join(cmd[1:])}', flush=True)
@@ -958,8 +958,8 @@ def main(argv=None):
     t = sub.add_parser('table', help='the miniature table (resumable; results accumulate in OUT/table.csv)')
     t.add_argument('--out', default='runs/table', help='runs and table.csv')
     t.add_argument('--dataroot', default='data/table_world', help='the table world (written if missing)')
-    t.add_argument('--iters', type=int, default=3000, help='iterations of every apprentice run (one schedule)')
-    t.add_argument('--expert-iters', type=int, default=6000, help='iterations of the cpu-base expert')
+    t.add_argument('--iters', type=int, default=2000, help='iterations of every apprentice run (one schedule)')
+    t.add_argument('--expert-iters', type=int, default=4000, help='iterations of the cpu-base expert')
     t.add_argument('--only', help='comma-separated row names to run now (the expert always comes first)')
     args = p.parse_args(argv)
     try:

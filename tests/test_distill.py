@@ -518,3 +518,57 @@ def test_table_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
     assert calls == []  # everything finished: nothing runs again
     table = distill.summarise_table(rows)
     assert '| none | 2 |' in table and '+-' in table.splitlines()[3]
+
+
+@pytest.mark.slow
+def test_one_distillation_step_at_the_papers_real_sizes():
+    """base-r101 (900x1600, BEV 200x200) -> fd3d-tiny (450x800, BEV 100x100), random weights, batch 1, no
+    history, on the CPU: every FD3D term is computed at the real shapes and the step backpropagates."""
+    torch.manual_seed(0)
+    expert = bevformer.BEVFormer(bevformer.get_config('base-r101'))
+    apprentice = bevformer.BEVFormer(bevformer.get_config('fd3d-tiny'))
+    d = distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d').train()
+    batch = bevformer.example_batch(expert.cfg, batch_size=1, history=False, num_gt=10)
+    be, ba = distill.model_inputs(batch, expert.cfg, apprentice.cfg)
+    assert tuple(be['img'].shape[-2:]) == (928, 1600) and tuple(ba['img'].shape[-2:]) == (480, 800)
+    with torch.no_grad():
+        out_e = expert.eval()(be)
+    out_a = apprentice(ba)
+    assert out_e['bev'].shape == (1, 256, 200, 200) and out_a['bev'].shape == (1, 256, 100, 100)
+    # the paper's FPN alignment: A strides 4..32 at half size pair with E strides 8..64 at full size
+    assert [tuple(f.shape[-2:]) for f in out_a['fpn']] == [(120, 200), (60, 100), (30, 50), (15, 25)]
+    assert [tuple(f.shape[-2:]) for f in out_e['fpn']] == [(116, 200), (58, 100), (29, 50), (15, 25)]
+    losses = dict(apprentice.loss(out_a, ba))
+    losses.update(d.distill_losses(out_e, out_a, be, ba))
+    assert {'kd_bev', 'kd_focal', 'kd_pv_0', 'kd_pv_1', 'kd_pv_2', 'kd_pv_3'} <= set(losses)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert d.kd['bev_gen'][0].weight.grad.abs().sum() > 0 and d.kd['pv_gens'][3][0].weight.grad.abs().sum() > 0
+    assert apprentice.backbone.layer4[0].conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in expert.parameters())
+
+
+@pytest.mark.slow
+def test_table_for_real_on_a_tiny_schedule(tmp_path_factory, capsys):
+    """`distill.run_table` with real train.py runs (2 iterations each) on the small world: the expert, the
+    apprentice alone and FD3D; then a lost row is re-run from its checkpoint with --resume."""
+    import os
+    from fixtures import small_world
+    world = small_world(tmp_path_factory.mktemp('world'))
+    out = str(tmp_path_factory.mktemp('table'))
+    runs = [('none', 'none', [], 1), ('fd3d', 'fd3d', [], 1)]
+    rows = distill.run_table(out, world, iters=2, expert_iters=2, runs=runs, version='v1.0-mini')
+    assert [r['run'] for r in rows] == ['expert cpu-base', 'none', 'fd3d']
+    assert all(0 <= float(r['NDS']) <= 1 for r in rows)
+    log = open(os.path.join(out, 'fd3d-s0', 'log.jsonl')).read()
+    assert 'kd_focal' in log and 'kd_pv_0' in log
+    csv_path = os.path.join(out, 'table.csv')
+    lines = open(csv_path).read().splitlines()
+    with open(csv_path, 'w') as f:  # as if the fd3d run had been interrupted before its row was written
+        f.write('\n'.join(lines[:-1]) + '\n')
+    capsys.readouterr()
+    rows = distill.run_table(out, world, iters=2, expert_iters=2, runs=runs, version='v1.0-mini')
+    assert [r['run'] for r in rows] == ['expert cpu-base', 'none', 'fd3d']
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith('[table]')]
+    assert len(printed) == 2 and printed[0].startswith('[table] fd3d seed 0:') and '--resume' in printed[0]
