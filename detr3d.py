@@ -142,14 +142,16 @@ def sample_reference_features(fpn, uv, mask, attn):
     [B, Q, N, L] (sigmoid weights). Returns [B, Q, C]. Bilinear with zeros outside and
     align_corners=False, as the official F.grid_sample call (pixel i's centre at (i + 0.5) / w)."""
     B, Q, N, _ = uv.shape
-    grid = (2 * uv - 1).transpose(1, 2).reshape(B * N, Q, 1, 2)               # grid_sample's [-1, 1]
-    w = attn * mask.to(attn.dtype)[..., None]                                   # [B, Q, N, L]
     out = 0
-    for lvl, f in enumerate(fpn):
-        s = F.grid_sample(f.flatten(0, 1), grid.to(f.dtype), mode='bilinear', padding_mode='zeros',
-                          align_corners=False)                                  # [B*N, C, Q, 1]
-        s = torch.nan_to_num(s[..., 0]).view(B, N, -1, Q)                       # [B, N, C, Q]
-        out = out + torch.einsum('bncq,bqn->bqc', s, w[..., lvl].to(s.dtype))
+    # fp32 even under autocast: a half-precision grid moves the points by ~0.1 pixel on wide maps
+    with torch.autocast(device_type=uv.device.type, enabled=False):
+        grid = (2 * uv.float() - 1).transpose(1, 2).reshape(B * N, Q, 1, 2)    # grid_sample's [-1, 1]
+        w = attn.float() * mask.float()[..., None]                              # [B, Q, N, L]
+        for lvl, f in enumerate(fpn):
+            s = F.grid_sample(f.flatten(0, 1).float(), grid, mode='bilinear', padding_mode='zeros',
+                              align_corners=False)                              # [B*N, C, Q, 1]
+            s = torch.nan_to_num(s[..., 0]).view(B, N, -1, Q)                   # [B, N, C, Q]
+            out = out + torch.einsum('bncq,bqn->bqc', s, w[..., lvl])
     return out
 
 
