@@ -253,7 +253,9 @@ def msda(value, shapes, loc, attn):
     start = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
     if _FLOP_COUNT is not None:   # 4 bilinear corners + 1 weighting per sampled channel
         _FLOP_COUNT[0] += attn.numel() * value.shape[-1] * 5
-    return ms_deform_attn(value, shapes, start, loc, attn)
+    # fp32 even under autocast, as the official wrapper (sampling locations need the precision)
+    with torch.autocast(device_type=value.device.type, enabled=False):
+        return ms_deform_attn(value.float(), shapes, start, loc.float(), attn.float())
 
 
 _FLOP_COUNT = None
@@ -722,10 +724,12 @@ class BEVFormer(nn.Module):
         pos = pos.view(1, H * W, -1).expand(B, -1, -1)
         # temporal: align the previous BEV with the ego motion (Sec. 3.4)
         ref_2d = bev_grid(cfg, x.device)[None].expand(B, -1, -1)                # [B, Q, 2]
-        if prev_bev is None:
-            prev_bev, has_prev = torch.zeros_like(x), torch.zeros(B, dtype=torch.bool, device=x.device)
-        prev, shift = align_prev_bev(prev_bev, can_delta, cfg)
-        shift = shift * has_prev[:, None].to(shift.dtype)
+        if prev_bev is None or not bool(has_prev.any()):
+            prev, shift = torch.zeros_like(x), x.new_zeros(B, 2)
+            has_prev = torch.zeros(B, dtype=torch.bool, device=x.device)
+        else:
+            prev, shift = align_prev_bev(prev_bev, can_delta, cfg)
+            shift = shift * has_prev[:, None].to(shift.dtype)
         ref_prev = ref_2d + shift[:, None]
         # quirk 1: the official `shift_ref_2d += shift` aliases ref_2d, shifting both halves
         ref_cur = ref_prev if cfg.official_quirks else ref_2d
@@ -834,7 +838,7 @@ class BEVFormer(nn.Module):
                        alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
         losses = {}
         for lid, d in enumerate(out['dec']):
-            cls, box = d['cls'], d['box']
+            cls, box = d['cls'].float(), d['box'].float()
             B, Q, K = cls.shape
             labels = torch.full((B, Q), cfg.num_classes, dtype=torch.long, device=cls.device)
             box_t = torch.zeros_like(box)

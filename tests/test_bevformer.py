@@ -521,8 +521,24 @@ def test_predict_cache_matches_forward_and_resets_at_scene_change():
 # Slow
 # ---------------------------------------------------------------------------------------------
 
+def _gt_hits(model, batch, item, min_score=0.3):
+    """GT boxes with a decoded box of the right class within 0.5 m (centre, bird's-eye view)."""
+    model.eval()
+    with torch.no_grad():
+        det = model.decode(model(batch))[0]
+    model.train()
+    keep = det['scores'] > min_score
+    boxes, labels = det['boxes'][keep], det['labels'][keep]
+    hit = 0
+    for box, label in zip(item['gt_boxes'], item['gt_labels']):
+        hit += int((((boxes[:, :2] - box[:2]).norm(dim=-1) < 0.5) & (labels == label)).any())
+    return hit
+
+
 @pytest.mark.slow
 def test_overfit_one_synthetic_sample(world):
+    """cpu-tiny memorises one sample: the loss falls and >= 80 % of the GT boxes are decoded within
+    0.5 m with the right class (checked every 50 iterations from 300 on, at most 800: ~10-15 min)."""
     import data
     torch.manual_seed(0)
     cfg = bf.get_config('cpu-tiny', dropout=0.0, queue_length=1)
@@ -531,26 +547,20 @@ def test_overfit_one_synthetic_sample(world):
     batch = data.collate([item])
     model = bf.BEVFormer(cfg).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-    first = None
-    for it in range(400):
+    first, hits = None, 0
+    for it in range(1, 801):
         loss = sum(model.loss(model(batch), batch).values())
         first = float(loss) if first is None else first
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 35)
         opt.step()
-    assert float(loss) < 0.3 * first
-    model.eval()
-    with torch.no_grad():
-        det = model.decode(model(batch))[0]
-    keep = det['scores'] > 0.3
-    boxes, labels = det['boxes'][keep], det['labels'][keep]
-    gt, gl = item['gt_boxes'], item['gt_labels']
-    hit = 0
-    for k in range(len(gt)):
-        d = (boxes[:, :2] - gt[k, :2]).norm(dim=-1)
-        hit += int(((d < 0.5) & (labels == gl[k])).any())
-    assert hit >= 0.8 * len(gt), (hit, len(gt))
+        if it >= 300 and it % 50 == 0:
+            hits = _gt_hits(model, batch, item)
+            if hits >= 0.8 * len(item['gt_boxes']):
+                break
+    assert float(loss) < 0.2 * first
+    assert hits >= 0.8 * len(item['gt_boxes']), (hits, len(item['gt_boxes']), it)
 
 
 @pytest.mark.slow
