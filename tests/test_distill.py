@@ -572,3 +572,73 @@ def test_table_for_real_on_a_tiny_schedule(tmp_path_factory, capsys):
     assert [r['run'] for r in rows] == ['expert cpu-base', 'none', 'fd3d']
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith('[table]')]
     assert len(printed) == 2 and printed[0].startswith('[table] fd3d seed 0:') and '--resume' in printed[0]
+
+
+@pytest.mark.slow
+def test_distilled_training_interrupted_and_resumed_is_bit_identical(tmp_path_factory):
+    """train.py --teacher: a run stopped by Ctrl-C after iteration 3 and resumed ends with the same
+    apprentice, the same distillation modules (generators, upsampler, BN statistics) and the same
+    optimiser state as an uninterrupted run (the random focal masks draw from the restored RNG)."""
+    import os
+    import signal
+    import train
+    from fixtures import small_world
+    world = small_world(tmp_path_factory.mktemp('world'))
+    tmp = tmp_path_factory.mktemp('runs')
+
+    def run(argv):
+        try:
+            train.main(argv)
+        except SystemExit as e:
+            return e.code
+        return 0
+
+    shrink = ['--set', 'num_query=30', '--set', 'enc_layers=1', '--set', 'dec_layers=2']
+    expert = str(tmp / 'expert')
+    assert run(['--model', 'cpu-base', '--dataroot', world, '--iters', '1', '--no-eval', '--workers', '0',
+                '--out', expert, '--set', 'bev_h=20', '--set', 'bev_w=20'] + shrink) == 0
+    common = ['--teacher', os.path.join(expert, 'last.pt'), '--student', 'cpu-tiny', '--dataroot', world,
+              '--iters', '5', '--warmup', '2', '--lr', '1e-3', '--log-every', '1', '--ckpt-every', '100',
+              '--no-eval', '--workers', '0', '--seed', '1', '--set', 'bev_h=10', '--set', 'bev_w=10'] + shrink
+    a, b = str(tmp / 'a'), str(tmp / 'b')
+    assert run(common + ['--out', a]) == 0
+    calls = {'n': 0}
+    forward = distill.Distiller.forward
+
+    def interrupting(self, batch):
+        calls['n'] += 1
+        if calls['n'] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, batch)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill.Distiller, 'forward', interrupting)
+        assert run(common + ['--out', b]) == 130
+    assert torch.load(os.path.join(b, 'last.pt'), weights_only=True)['iter'] == 3
+    assert run(['--resume', os.path.join(b, 'last.pt')]) == 0
+    wa = torch.load(os.path.join(a, 'last.pt'), weights_only=True)
+    wb = torch.load(os.path.join(b, 'last.pt'), weights_only=True)
+    assert wa['iter'] == wb['iter'] == 5 and set(wa['distiller']) == set(wb['distiller'])
+    for part in ('model', 'distiller'):
+        for k in wa[part]:
+            assert torch.equal(wa[part][k], wb[part][k]), (part, k)
+    for k, state in wa['optimizer']['state'].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(wb['optimizer']['state'][k][name]))
+
+
+def test_train_cli_refuses_an_incompatible_teacher_in_one_line(tmp_path_factory, tmp_path, capsys):
+    """train.py --teacher with an expert of another pc_range: exit 2, one line naming --teacher."""
+    import train
+    from fixtures import small_world
+    world = small_world(tmp_path_factory.mktemp('world'))
+    cfg = bevformer.get_config('cpu-base', pc_range=(-40.0, -40.0, -5.0, 40.0, 40.0, 3.0), **SMALL)
+    path = str(tmp_path / 'expert.pt')
+    torch.save({'model': bevformer.BEVFormer(cfg).state_dict(), 'config': dataclasses.asdict(cfg), 'args': {},
+                'iter': 0}, path)
+    with pytest.raises(SystemExit) as e:
+        train.main(['--teacher', path, '--student', 'cpu-tiny', '--dataroot', world, '--iters', '1',
+                    '--no-eval', '--workers', '0', '--out', str(tmp_path / 'run')])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: --teacher:') and 'pc_range' in err[0]
