@@ -298,6 +298,12 @@ def test_apprentice_inputs_are_a_consistent_downscale():
     assert be['history']['img'].shape[1] == 1 and ba['history']['img'].shape[1] == 1
     torch.testing.assert_close(be['history']['can_bus'], batch['history']['can_bus'][:, 1:])
     assert ba['history_valid'].shape == (1, 1)
+    # 'upsampled' (the released code): the expert sees the apprentice's images brought back to its size
+    up_e, up_a = distill.model_inputs(batch, ec, ac, expert_input='upsampled')
+    assert up_e['img'].shape == be['img'].shape and torch.equal(up_a['img'], ba['img'])
+    torch.testing.assert_close(up_e['lidar2img'], be['lidar2img'], rtol=1e-5, atol=1e-3)
+    assert (up_e['img'][0, 0, 0, 2:88, 2:158] - 127.5).abs().max() < 20  # the checkerboard is gone
+    assert (be['img'][0, 0, 0, 2:88, 2:158] - 127.5).abs().max() > 100  # the native input keeps it
 
 
 def test_no_gradient_reaches_expert_and_saved_apprentice_is_plain():
