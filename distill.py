@@ -45,7 +45,7 @@ PC_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)  # x_min, y_min, z_min, x_max, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Instance (focal) areas (paper Fig. 2: "3D bbox" projected to BEV and to PV)
+# 1. Instance (focal) areas (overview figure: "3D bbox" projected to BEV and to PV)
 # ----------------------------------------------------------------------------------------------------
 
 def box_corners(boxes, scale=1.0):
@@ -228,7 +228,7 @@ def align_pv(x, out_hw, in_pad_hw, out_pad_hw, scale_xy):
 # ----------------------------------------------------------------------------------------------------
 
 def masked_generation(f_a, area_a, adapt, upsample, generate, mask_ratio, out_hw):
-    """Masked feature generation (paper Fig. 2 "Generator"): F^ = G(U(adapt(F_A) * (1 - P))).
+    """Masked feature generation (overview figure: "Generator"): F^ = G(U(adapt(F_A) * (1 - P))).
 
     f_a [B, Ca, h, w] apprentice map; area_a [B, h, w] the focal area rasterised on the apprentice's
     own grid. The random mask P is drawn there and applied before the upsampler U (to the expert's
@@ -504,7 +504,8 @@ class Distiller(nn.Module):
             (0 <= mask_ratio <= 1, f'--fd3d-mask-ratio {mask_ratio}: expected a value in [0, 1]'),
             (box_scale > 0, f'--fd3d-box-scale {box_scale}: expected a positive number'),
             (pv_norm in ('bn', 'none'), f"--fd3d-pv-norm {pv_norm}: expected 'bn' or 'none'"),
-            (expert_input in ('native', 'upsampled'), f"--kd-expert-input {expert_input}: expected 'native' or 'upsampled'"),
+            (expert_input in ('native', 'upsampled'),
+             f"--kd-expert-input {expert_input}: expected 'native' or 'upsampled'"),
             (ce.detector == ca.detector,
              f'--teacher: a {ce.detector} expert ({ce.name}) cannot teach a {ca.detector} apprentice ({ca.name}); '
              'FD3D distils within one detector family'),
@@ -752,7 +753,8 @@ def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, 
 # 9. CLI: the time breakdown of a distillation step, and the paper's table in miniature
 # ----------------------------------------------------------------------------------------------------
 
-PAIRS = {'cpu': ('cpu-base', 'cpu-tiny'), 'paper-tiny': ('base-r101', 'fd3d-tiny'), 'paper-small': ('base', 'fd3d-small')}
+PAIRS = {'cpu': ('cpu-base', 'cpu-tiny'), 'paper-tiny': ('base-r101', 'fd3d-tiny'),
+         'paper-small': ('base', 'fd3d-small')}  # expert -> apprentice presets
 
 
 def bench(pair='cpu', device='cpu', iters=3, warmup=1):
@@ -822,7 +824,8 @@ def bench(pair='cpu', device='cpu', iters=3, warmup=1):
     for k, label in [('inputs', 'inputs (apprentice downscale)'), ('expert_fwd', 'expert forward (no grad)'),
                      ('app_fwd_loss', 'apprentice forward + loss'), ('kd_losses', 'distillation losses + generators'),
                      ('backward', 'backward (apprentice + generators)'), ('step', 'FD3D step total'),
-                     ('app_fwd_only', 'apprentice alone: forward + loss'), ('app_bwd_only', 'apprentice alone: backward'),
+                     ('app_fwd_only', 'apprentice alone: forward + loss'),
+                     ('app_bwd_only', 'apprentice alone: backward'),
                      ('app_only', 'apprentice-only step (fwd+loss+bwd)')]:
         print(f'  {label:40s} {med[k][0]:8.3f} {med[k][1]:8.3f}')
     print(f'  {"distillation overhead (inputs+losses+extra bwd)":40s} {overhead[0]:8.3f} {overhead[1]:8.3f}'
