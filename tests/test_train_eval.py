@@ -150,6 +150,23 @@ def test_smoke_train_then_evaluate_cpu_tiny(world, tmp_path):
     assert len([f for f in os.listdir(os.path.join(ev, 'vis')) if f.endswith('.png')]) == 1
 
 
+def test_backbone_weights_are_loaded(world, tmp_path):
+    import bevformer
+    torch.manual_seed(123)
+    donor = bevformer.BEVFormer(bevformer.PRESETS['cpu-tiny'])
+    path = str(tmp_path / 'backbone.pth')
+    torch.save({k: v for k, v in donor.state_dict().items() if k.startswith('backbone.')}, path)
+    out = str(tmp_path / 'run')
+    # lr 0: the weights after one iteration are the loaded ones
+    assert run_train(['--dataroot', world, '--iters', '1', '--lr', '0', '--no-eval', '--workers', '0',
+                      '--backbone-weights', path, '--out', out] + SMALLER) == 0
+    got = torch.load(os.path.join(out, 'last.pt'), weights_only=True)['model']
+    convs = [k for k in got if k.startswith('backbone.') and 'conv' in k and k.endswith('weight')]
+    assert convs and all(torch.equal(got[k], donor.state_dict()[k]) for k in convs)
+    neck = next(k for k in got if k.startswith('neck.') and k.endswith('weight'))
+    assert not torch.equal(got[neck], donor.state_dict()[neck])       # only the backbone was loaded
+
+
 # ------------------------------------------------------------------------------------------------
 # Schedule and --set
 
