@@ -324,8 +324,9 @@ def plot_curve(log_path, png_path):
     ax = axes[0, 0]
     its, loss = np.array([r['iter'] for r in train]), np.array([r['loss'] for r in train])
     ax.plot(its, loss, color='tab:blue', alpha=0.3, lw=1, label='loss (per log step)')
-    smooth = np.convolve(loss, np.ones(min(9, len(loss))) / min(9, len(loss)), mode='valid')
-    ax.plot(its[len(its) - len(smooth):], smooth, color='tab:blue', lw=2, label='smoothed')
+    k = min(9, len(loss))                              # centred moving average over k log steps
+    smooth = np.convolve(loss, np.ones(k) / k, mode='valid')
+    ax.plot(its[(k - 1) // 2:(k - 1) // 2 + len(smooth)], smooth, color='tab:blue', lw=2, label=f'mean of {k}')
     ax.set_xlabel('iteration')
     ax.set_ylabel('training loss (sum over decoder layers)')
     ax.legend(loc='upper right')
@@ -337,6 +338,7 @@ def plot_curve(log_path, png_path):
         ax.plot([r['iter'] for r in evals], [r['NDS'] for r in evals], 'o-', label='val NDS')
         ax.plot([r['iter'] for r in evals], [r['mAP'] for r in evals], 's-', label='val mAP')
         ax.set_xlabel('iteration')
+        ax.set_xlim(0, max(its.max(), max(r['iter'] for r in evals)) * 1.02)
         ax.set_ylim(0, max(0.3, max(r['NDS'] for r in evals) + 0.05))
         ax.grid(alpha=0.3)
         ax.legend()
