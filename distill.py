@@ -847,6 +847,8 @@ TABLE_RUNS = [  # (row name, --distill mode, extra train.py flags, seeds)
     ('fd3d w/o generation', 'fd3d', ['--fd3d-parts', 'focal', '--fd3d-mask-ratio', '0'], 1),
     ('fd3d areas from GT', 'fd3d', ['--fd3d-areas', 'gt'], 1),
 ]
+# The DETR3D rows (fd3d.md 6): expert detr3d-cpu-base -> apprentice detr3d-cpu-tiny, same world and schedule
+DETR3D_RUNS = [('detr3d none', 'none', [], 2), ('detr3d fd3d', 'fd3d', [], 2)]
 TABLE_WORLD = dict(version='v1.0-trainval', train_scenes=24, val_scenes=12, samples_per_scene=40)
 TABLE_FIELDS = ['run', 'seed', 'mode', 'flags', 'iters', 'NDS', 'mAP', 'minutes']
 
@@ -879,7 +881,7 @@ def run_subprocess(cmd, log_path):
 
 
 def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_iters=4000, runs=TABLE_RUNS,
-              runner=run_subprocess, only=None, version=TABLE_WORLD['version']):
+              runner=run_subprocess, only=None, version=TABLE_WORLD['version'], detr3d_runs=()):
     """The paper's table in miniature (expert cpu-base, apprentice cpu-tiny), resumable: a run whose row is
     in OUT/table.csv is skipped; an interrupted run continues from its last.pt (`train.py --resume`);
     every finished run appends its row at once, so the command can run in parts. -> the CSV rows."""
@@ -893,15 +895,21 @@ def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_
         data.write_synthetic_world(dataroot, **TABLE_WORLD)
     csv_path = os.path.join(out, 'table.csv')
     done = {(r['run'], r['seed']) for r in read_table(csv_path)}
-    expert = os.path.join(out, 'expert', 'last.pt')
-    jobs = [('expert cpu-base', None, ['--model', 'cpu-base', '--seed', '0'], 0, expert_iters, 'expert')]
-    for name, mode, flags, seeds in runs:
-        for seed in range(seeds):
-            folder = f"{name.replace(' ', '_').replace('/', '')}-s{seed}"
-            jobs.append((name, mode, ['--teacher', expert, '--student', 'cpu-tiny', '--distill', mode,
-                                      '--seed', str(seed)] + flags, seed, iters, folder))
-    for name, mode, flags, seed, n_iters, folder in jobs:
-        if (name, str(seed)) in done or (only and name not in only and mode is not None):
+    families = [('cpu-base', 'cpu-tiny', 'expert', runs)]
+    if detr3d_runs:  # a second family (detr3d.py) with its own expert, trained first
+        families.append(('detr3d-cpu-base', 'detr3d-cpu-tiny', 'detr3d-expert', detr3d_runs))
+    jobs = []  # (row name, mode, flags, seed, iterations, folder, wanted now)
+    for e_name, a_name, e_folder, family in families:
+        expert = os.path.join(out, e_folder, 'last.pt')
+        jobs.append((f'expert {e_name}', None, ['--model', e_name, '--seed', '0'], 0, expert_iters, e_folder,
+                     not only or any(r[0] in only for r in family)))  # an expert runs before its wanted rows
+        for name, mode, flags, seeds in family:
+            for seed in range(seeds):
+                folder = f"{name.replace(' ', '_').replace('/', '')}-s{seed}"
+                jobs.append((name, mode, ['--teacher', expert, '--student', a_name, '--distill', mode,
+                                          '--seed', str(seed)] + flags, seed, iters, folder, not only or name in only))
+    for name, mode, flags, seed, n_iters, folder, wanted in jobs:
+        if (name, str(seed)) in done or not wanted:
             continue
         run_dir = os.path.join(out, folder)
         ckpt = os.path.join(run_dir, 'last.pt')
@@ -970,7 +978,7 @@ def main(argv=None):
             bench(args.pair, args.device, args.iters)
         else:
             run_table(args.out, args.dataroot, args.iters, args.expert_iters,
-                      only=set(args.only.split(',')) if args.only else None)
+                      only=set(args.only.split(',')) if args.only else None, detr3d_runs=DETR3D_RUNS)
     except (InputError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

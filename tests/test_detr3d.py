@@ -409,6 +409,38 @@ def test_distiller_on_a_detr3d_pair_zero_at_equality_positive_otherwise():
     assert all(p.grad is None for p in expert.parameters())
 
 
+def test_miniature_table_has_the_detr3d_rows(tmp_path):
+    """`python distill.py table` (stand-in runner): the DETR3D family trains its own expert first, then the
+    apprentice alone and with FD3D, 2 seeds each, taught by that expert; `--only` a DETR3D row skips the
+    BEVFormer expert, and the BEVFormer rows never see the DETR3D expert."""
+    import distill
+    calls = []
+
+    def runner(cmd, log_path):
+        calls.append(cmd)
+        return 0, 'NDS 0.1000 mAP 0.0500'
+
+    world = tmp_path / 'world'
+    world.mkdir()
+    assert [r[:2] for r in distill.DETR3D_RUNS] == [('detr3d none', 'none'), ('detr3d fd3d', 'fd3d')]
+    rows = distill.run_table(str(tmp_path / 'out'), str(world), iters=5, expert_iters=7, runs=[('none', 'none', [], 1)],
+                             runner=runner, detr3d_runs=distill.DETR3D_RUNS)
+    outs = [os.path.basename(c[c.index('--out') + 1]) for c in calls]
+    assert outs == ['expert', 'none-s0', 'detr3d-expert', 'detr3d_none-s0', 'detr3d_none-s1', 'detr3d_fd3d-s0',
+                    'detr3d_fd3d-s1']
+    arg = lambda c, flag: c[c.index(flag) + 1]  # noqa: E731
+    assert arg(calls[2], '--model') == 'detr3d-cpu-base' and arg(calls[2], '--iters') == '7'
+    for c in calls[3:]:
+        assert arg(c, '--student') == 'detr3d-cpu-tiny' and arg(c, '--teacher').endswith(os.path.join('detr3d-expert', 'last.pt'))
+    assert arg(calls[1], '--teacher').endswith(os.path.join('out', 'expert', 'last.pt'))
+    assert [r['run'] for r in rows][2:] == ['expert detr3d-cpu-base'] + ['detr3d none'] * 2 + ['detr3d fd3d'] * 2
+    calls.clear()
+    distill.run_table(str(tmp_path / 'out2'), str(world), iters=5, expert_iters=7, runs=[('none', 'none', [], 1)],
+                      runner=runner, detr3d_runs=distill.DETR3D_RUNS, only={'detr3d fd3d'})
+    assert [os.path.basename(c[c.index('--out') + 1]) for c in calls] == ['detr3d-expert', 'detr3d_fd3d-s0',
+                                                                          'detr3d_fd3d-s1']
+
+
 # ---------------------------------------------------------------------------------------------
 # train.py and evaluate.py on a DETR3D preset
 # ---------------------------------------------------------------------------------------------
