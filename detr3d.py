@@ -102,7 +102,8 @@ class DETR3DConfig:
                 setattr(self, f.name, tuple(v))
         checks = [
             (self.detector == 'detr3d', f"detector must be 'detr3d', got {self.detector!r}"),
-            (self.normalisation in ('rgb', 'caffe'), f"normalisation must be 'rgb' or 'caffe', got {self.normalisation!r}"),
+            (self.normalisation in ('rgb', 'caffe'),
+             f"normalisation must be 'rgb' or 'caffe', got {self.normalisation!r}"),
             (self.backbone_style in ('pytorch', 'caffe'), "backbone_style must be 'pytorch' or 'caffe'"),
             (self.embed_dims % self.num_heads == 0, 'embed_dims must be divisible by num_heads'),
             (self.fpn_levels >= len(self.backbone_out), 'fpn_levels must be >= len(backbone_out)'),
@@ -129,7 +130,7 @@ def project_reference_points(ref, lidar2img, pad_hw, pc_range):
     lo, hi = ref.new_tensor(pc_range[:3]), ref.new_tensor(pc_range[3:])
     pts = ref * (hi - lo) + lo                                                  # [B, Q, 3] metres, LIDAR_TOP
     # bevformer.project_points projects one point set into the cameras of a batch: once per sample
-    proj = [project_points(p[None], m[None], pad_hw) for p, m in zip(pts, lidar2img)]   # ([N, 1, Q, 1, 2], [N, 1, Q, 1])
+    proj = [project_points(p[None], m[None], pad_hw) for p, m in zip(pts, lidar2img)]   # [N, 1, Q, 1, 2], [N, 1, Q, 1]
     uv = torch.cat([u for u, _ in proj], 1)[:, :, :, 0].permute(1, 2, 0, 3)   # [B, Q, N, 2]
     mask = torch.cat([m for _, m in proj], 1)[..., 0].permute(1, 2, 0)        # [B, Q, N]
     return uv, mask
