@@ -521,41 +521,41 @@ def test_predict_cache_matches_forward_and_resets_at_scene_change():
 # Slow
 # ---------------------------------------------------------------------------------------------
 
-def _gt_hits(model, batch, item, min_score=0.3):
-    """GT boxes with a decoded box of the right class within 0.5 m (centre, bird's-eye view)."""
+def _gt_hits(model, batch, item):
+    """GT boxes with one of the top-K decoded boxes (K = number of GT) of the right class within
+    0.5 m (centre, bird's-eye view)."""
     model.eval()
     with torch.no_grad():
-        det = model.decode(model(batch))[0]
+        det = model.decode(model(batch), max_num=len(item['gt_boxes']))[0]
     model.train()
-    keep = det['scores'] > min_score
-    boxes, labels = det['boxes'][keep], det['labels'][keep]
     hit = 0
     for box, label in zip(item['gt_boxes'], item['gt_labels']):
-        hit += int((((boxes[:, :2] - box[:2]).norm(dim=-1) < 0.5) & (labels == label)).any())
+        hit += int((((det['boxes'][:, :2] - box[:2]).norm(dim=-1) < 0.5) & (det['labels'] == label)).any())
     return hit
 
 
 @pytest.mark.slow
 def test_overfit_one_synthetic_sample(world):
     """cpu-tiny memorises one sample: the loss falls and >= 80 % of the GT boxes are decoded within
-    0.5 m with the right class (checked every 50 iterations from 300 on, at most 800: ~10-15 min)."""
+    0.5 m with the right class among its top-K detections (checked every 50 iterations from 200 on,
+    at most 800; ~10-15 min on 2 busy cores)."""
     import data
     torch.manual_seed(0)
     cfg = bf.get_config('cpu-tiny', dropout=0.0, queue_length=1)
     ds = data.NuScenesDataset(world, 'v1.0-mini', 'train', image_size=cfg.image_size, queue_length=1, train=False)
-    item = next(ds[i] for i in range(len(ds)) if len(ds[i]['gt_boxes']) >= 5)
+    item = min((ds[i] for i in range(len(ds))), key=lambda it: len(it['gt_boxes']))   # 21 boxes
     batch = data.collate([item])
     model = bf.BEVFormer(cfg).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     first, hits = None, 0
     for it in range(1, 801):
         loss = sum(model.loss(model(batch), batch).values())
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 35)
         opt.step()
-        if it >= 300 and it % 50 == 0:
+        if it >= 200 and it % 50 == 0:
             hits = _gt_hits(model, batch, item)
             if hits >= 0.8 * len(item['gt_boxes']):
                 break
