@@ -61,7 +61,9 @@ class BEVFormerConfig:
     backbone_width: int = 64       # 64 = the standard ResNet
     backbone_dcn: bool = False     # DCNv2 in stages 3 and 4 (Small/Base)
     backbone_out: tuple = (3,)     # out_indices, 0..3 = C2..C5
-    frozen_stages: int = 1
+    frozen_stages: int = 1         # 1: stem + layer1 frozen (official, pretrained); -1: nothing frozen
+    backbone_norm_eval: bool = True   # BatchNorm on running statistics (official, pretrained)
+    backbone_bn_frozen: bool = True   # BatchNorm affine not trained (official, pretrained)
     with_cp: bool = False          # gradient checkpointing in the backbone (official Small)
     fpn_levels: int = 1            # FPN outputs L (extra stride-2 levels when > len(backbone_out))
     grid_mask: bool = True
@@ -663,7 +665,8 @@ class BEVFormer(nn.Module):
         dcn = (False, False, cfg.backbone_dcn, cfg.backbone_dcn)
         self.backbone = ResNet(depth=cfg.backbone_depth, style=cfg.backbone_style,
                                out_indices=cfg.backbone_out, frozen_stages=cfg.frozen_stages,
-                               dcn_stages=dcn, base_width=cfg.backbone_width, with_cp=cfg.with_cp)
+                               dcn_stages=dcn, base_width=cfg.backbone_width, with_cp=cfg.with_cp,
+                               norm_eval=cfg.backbone_norm_eval, bn_frozen=cfg.backbone_bn_frozen)
         self.neck = FPN(self.backbone.out_channels, C, num_outs=cfg.fpn_levels, add_extra_on_output=True)
         self.grid_mask = GridMask(prob=cfg.grid_mask_prob)
         # BEV queries, learned positional encoding, camera/level embeddings, CAN bus MLP (2.3, 2.5)
@@ -967,6 +970,9 @@ def _history_frames(batch):
 _OFFICIAL = dict(embed_dims=256, ffn_dims=512, num_heads=8, enc_layers=3, dec_layers=6, num_query=900,
                  grid_mask=True, official_quirks=True)
 
+# a ResNet trained from scratch (the CPU presets): nothing frozen, BatchNorm on batch statistics
+_FROM_SCRATCH = dict(frozen_stages=-1, backbone_norm_eval=False, backbone_bn_frozen=False)
+
 PRESETS = {
     # official configs (bevformer_{tiny,small,base}.py)
     'tiny': BEVFormerConfig(name='tiny', image_size=(800, 450), normalisation='rgb', queue_length=3,
@@ -1000,16 +1006,18 @@ PRESETS = {
     # (strides 8, 16 at half size). GridMask and dropout off: a 20-minute CPU run underfits, and
     # dropout alone cost ~10 % of a step in the profile. One history
     # frame (queue 2) keeps a training step within 1 s (apprentice) and 3 s (expert) on 2 cores.
+    # They train from scratch: nothing frozen and BatchNorm trained on batch statistics (the
+    # official frozen stem/layer1 and frozen BN only make sense for a pretrained ResNet).
     'cpu-tiny': BEVFormerConfig(name='cpu-tiny', image_size=(200, 113), normalisation='rgb', queue_length=2,
                                 backbone_depth=18, backbone_style='pytorch', backbone_width=32,
                                 backbone_out=(1, 2), fpn_levels=2, embed_dims=128, ffn_dims=256,
                                 num_heads=8, bev_h=50, bev_w=50, enc_layers=2, dec_layers=3,
-                                num_query=300, grid_mask=False, dropout=0.0),
+                                num_query=300, grid_mask=False, dropout=0.0, **_FROM_SCRATCH),
     'cpu-base': BEVFormerConfig(name='cpu-base', image_size=(400, 225), normalisation='rgb', queue_length=2,
                                 backbone_depth=34, backbone_style='pytorch', backbone_width=24,
                                 backbone_out=(2, 3), fpn_levels=2, embed_dims=128, ffn_dims=256,
                                 num_heads=8, bev_h=100, bev_w=100, enc_layers=3, dec_layers=3,
-                                num_query=300, grid_mask=False, dropout=0.0),
+                                num_query=300, grid_mask=False, dropout=0.0, **_FROM_SCRATCH),
 }
 
 # GFLOPs of the paper's Table (FD3D, CVPR 2023), for `bench` (the comparison is indicative)
