@@ -98,6 +98,8 @@ def make_parser():
                    help='peak AdamW learning rate, the backbone gets 0.1x (official: 2e-4 for 8 GPUs x 1 sample)')
     g.add_argument('--warmup', type=int, default=100, help='linear warm-up iterations, from lr/3 (official: 500)')
     g.add_argument('--min-lr-ratio', type=float, default=1e-3, help='cosine floor as a fraction of --lr')
+    g.add_argument('--backbone-lr-mult', type=float, default=0.1,
+                   help='lr multiplier of the backbone (0.1 officially, for a pretrained ResNet)')
     g.add_argument('--weight-decay', type=float, default=0.01, help='AdamW weight decay')
     g.add_argument('--grad-clip', type=float, default=35.0, help='max L2 norm of all gradients')
     g.add_argument('--seed', type=int, default=0, help='seeds the weights, the data order and every augmentation')
@@ -462,7 +464,7 @@ def train(args, explicit=()):
     backbone = {id(p) for p in model.backbone.parameters()}
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
-        {'params': [p for p in params if id(p) in backbone], 'lr_mult': 0.1},
+        {'params': [p for p in params if id(p) in backbone], 'lr_mult': args.backbone_lr_mult},
         {'params': [p for p in params if id(p) not in backbone], 'lr_mult': 1.0},
     ], lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler('cuda', enabled=use_amp)
