@@ -1027,7 +1027,7 @@ PAPER_GFLOPS = {'fd3d-tiny': 381.95, 'fd3d-small': 416.46, 'base': 1323.41, 'bas
 def get_config(name, **overrides):
     """A copy of preset `name` with field overrides (unknown names are InputErrors)."""
     if name not in PRESETS:
-        raise InputError(f'--model {name}: unknown preset (expected one of {", ".join(PRESETS)})')
+        raise InputError(f'preset {name!r} is unknown (expected one of {", ".join(PRESETS)})')
     known = {f.name for f in fields(BEVFormerConfig)}
     bad = sorted(set(overrides) - known)
     if bad:

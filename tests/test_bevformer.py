@@ -448,7 +448,7 @@ def test_batch_of_two_equals_one_by_one():
 
 
 def test_forward_loss_decode_outputs():
-    cfg = small_cfg()
+    cfg = small_cfg(frozen_stages=1, backbone_norm_eval=True, backbone_bn_frozen=True)   # as the official presets
     torch.manual_seed(0)
     model = bf.BEVFormer(cfg).train()
     batch = bf.example_batch(cfg, batch_size=2, num_gt=5)
