@@ -482,14 +482,19 @@ def test_overfit_one_synthetic_sample(world):
     batch = data.collate([item])
     model = detr3d.DETR3D(cfg).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    # a cosine decay to 0: at a constant lr the far boxes keep jittering around the 0.5 m threshold
+    # (measured: 8-16 of 21 boxes matched between 400 and 800 iterations at 1e-3; 25 of 33 after 600 decayed)
+    iters = 1000
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, iters) / iters)))
     first = None
-    for it in range(400):
+    for it in range(iters):
         loss = sum(model.loss(model(batch), batch).values())
         first = float(loss) if first is None else first
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 35)
         opt.step()
+        sched.step()
     assert float(loss) < 0.3 * first
     model.eval()
     with torch.no_grad():
