@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backbone_wip import FPN, GridMask, ModulatedDeformConv2d, ResNet, load_backbone_weights
+from bevformer import FPN, GridMask, ModulatedDeformConv2d, ResNet, load_backbone_weights
 
 KEYS = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'specs', 'keys')
 
