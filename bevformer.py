@@ -1475,7 +1475,7 @@ def official_key(key):
     return key
 
 
-def read_state_dict(path, expected='an official BEVFormer checkpoint .pth'):
+def read_state_dict(path, expected='an official mmdet3d checkpoint .pth'):
     """The tensors of a checkpoint file, read with torch.load(weights_only=True) (no code runs).
     Accepts a bare state dict or one under 'state_dict' (mmcv) or 'model' (ours)."""
     try:
@@ -1628,32 +1628,39 @@ def bench(presets, iters=3, threads=2, step_presets=('cpu-tiny', 'cpu-base')):
         print(f'{name:<11} queue {cfg.queue_length}: {train_step_time(cfg, iters, threads):.2f} s/iter', flush=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description='BEVFormer: official-checkpoint conversion and benchmarks')
+def cli(argv, family, presets, convert_fn, bench_fn, get_config_fn, steps, default_preset=None):
+    """The `convert` / `bench` command line shared by bevformer.py and detr3d.py (one detector family
+    each: `presets`, and its `convert`, `bench` and `get_config`)."""
+    p = argparse.ArgumentParser(description=f'{family}: official-checkpoint conversion and benchmarks')
     sub = p.add_subparsers(dest='cmd', required=True)
     c = sub.add_parser('convert', help='official mmdet3d checkpoint -> our checkpoint format')
     c.add_argument('official', help='official checkpoint (.pth), read with weights_only=True')
-    c.add_argument('--preset', required=True, help=f'one of {", ".join(PRESETS)} (tiny, small, base are official)')
+    c.add_argument('--preset', required=default_preset is None, default=default_preset,
+                   help=f'one of {", ".join(presets)}')
     c.add_argument('--out', required=True, help='output checkpoint path (.pt)')
     b = sub.add_parser('bench', help='params and GFLOPs of every preset, CPU step times of the CPU presets')
-    b.add_argument('--presets', default=','.join(PRESETS), help='comma-separated presets for the cost table')
-    b.add_argument('--steps', default='cpu-tiny,cpu-base', help='comma-separated presets to time a training step')
+    b.add_argument('--presets', default=','.join(presets), help='comma-separated presets for the cost table')
+    b.add_argument('--steps', default=','.join(steps), help='comma-separated presets to time a training step')
     b.add_argument('--iters', type=int, default=3, help='timed iterations per preset')
     b.add_argument('--threads', type=int, default=2, help='torch CPU threads')
     args = p.parse_args(argv)
     try:
         if args.cmd == 'convert':
-            convert(args.official, args.preset, args.out)
+            convert_fn(args.official, args.preset, args.out)
             print(f'wrote {args.out} (preset {args.preset})')
         else:
             names = [n for n in args.presets.split(',') if n]
-            steps = [n for n in args.steps.split(',') if n]
-            for n in names + steps:
-                get_config(n)
-            bench(names, args.iters, args.threads, steps)
+            step_names = [n for n in args.steps.split(',') if n]
+            for n in names + step_names:
+                get_config_fn(n)
+            bench_fn(names, args.iters, args.threads, step_names)
     except InputError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
+
+
+def main(argv=None):
+    cli(argv, 'BEVFormer', PRESETS, convert, bench, get_config, steps=('cpu-tiny', 'cpu-base'))
 
 
 if __name__ == '__main__':

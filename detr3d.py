@@ -32,7 +32,6 @@ Where we differ from the official code:
 
 Shape letters: B batch, N cameras, C channels, Q object queries, L FPN levels, K boxes, H/W sizes.
 """
-import argparse
 import os
 import sys
 import time
@@ -462,31 +461,8 @@ def bench(presets, iters=3, threads=2, step_presets=('detr3d-cpu-tiny', 'detr3d-
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='DETR3D: official-checkpoint conversion and benchmarks')
-    sub = p.add_subparsers(dest='cmd', required=True)
-    c = sub.add_parser('convert', help='official DETR3D checkpoint -> our checkpoint format')
-    c.add_argument('official', help='official checkpoint (.pth), read with weights_only=True')
-    c.add_argument('--preset', default='detr3d-r101', help=f'one of {", ".join(PRESETS)} (detr3d-r101 is official)')
-    c.add_argument('--out', required=True, help='output checkpoint path (.pt)')
-    b = sub.add_parser('bench', help='params and GFLOPs of every preset, CPU step times of the CPU presets')
-    b.add_argument('--presets', default=','.join(PRESETS), help='comma-separated presets for the cost table')
-    b.add_argument('--steps', default='detr3d-cpu-tiny,detr3d-cpu-base', help='presets to time a training step')
-    b.add_argument('--iters', type=int, default=3, help='timed iterations per preset')
-    b.add_argument('--threads', type=int, default=2, help='torch CPU threads')
-    args = p.parse_args(argv)
-    try:
-        if args.cmd == 'convert':
-            convert(args.official, args.preset, args.out)
-            print(f'wrote {args.out} (preset {args.preset})')
-        else:
-            names = [n for n in args.presets.split(',') if n]
-            steps = [n for n in args.steps.split(',') if n]
-            for n in names + steps:
-                get_config(n)
-            bench(names, args.iters, args.threads, steps)
-    except InputError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(1)
+    bevformer.cli(argv, 'DETR3D', PRESETS, convert, bench, get_config,
+                  steps=('detr3d-cpu-tiny', 'detr3d-cpu-base'), default_preset='detr3d-r101')
 
 
 if __name__ == '__main__':
