@@ -379,9 +379,6 @@ def train(args, explicit=()):
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    if args.threads or world > 1:
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-
     # -- resume: the checkpoint's arguments, except flags typed now ------------------------------
     ckpt = None
     if args.resume:
@@ -389,6 +386,10 @@ def train(args, explicit=()):
         kept = {k: v for k, v in ckpt['args'].items() if k not in explicit and k != 'resume'}
         args = argparse.Namespace(**{**vars(args), **kept})
         args.out = args.out if 'out' in explicit else os.path.dirname(os.path.abspath(args.resume))
+    # after the resume merge: a resumed run uses the checkpoint's thread count, since the summation
+    # order of CPU kernels depends on it and exact resume needs the same order
+    if args.threads or world > 1:
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     use_amp = args.amp and device.type == 'cuda'
     if args.amp and not use_amp:
         say('note: --amp is ignored on the CPU (autocast only pays off on CUDA)')

@@ -430,9 +430,6 @@ def test_torchrun_two_cpu_processes(world, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason='known defect (issue 5): with the real cpu-tiny the resumed run ends '
-                   'with different weights, while the stand-in model above resumes bit-identically; '
-                   'the state that is not restored has not been found yet')
 def test_real_ctrl_c_and_resume_are_bit_identical_cpu_tiny(world, tmp_path):
     import time
     common = [sys.executable, 'train.py', '--dataroot', world, '--iters', '8', '--warmup', '2', '--log-every', '1',
