@@ -90,16 +90,17 @@ def make_parser():
     g.add_argument('--version', default='v1.0-mini', help='v1.0-mini or v1.0-trainval (train on train, evaluate on val)')
     g.add_argument('--workers', type=int, default=2, help='data-loading processes per training process')
     g = p.add_argument_group('schedule and optimiser')
-    g.add_argument('--iters', type=int, default=1200,
-                   help='training iterations (ignored when --epochs is given); 1200 x batch 1 = the default CPU run')
+    g.add_argument('--iters', type=int, default=2000,
+                   help='training iterations (ignored when --epochs is given); 2000 x batch 1 = the default CPU run')
     g.add_argument('--epochs', type=int, help='train for this many passes over the train split instead of --iters')
     g.add_argument('--batch-size', type=int, default=1, help='samples per iteration PER PROCESS (x GPUs under torchrun)')
     g.add_argument('--lr', type=float, default=1e-3,
                    help='peak AdamW learning rate, the backbone gets 0.1x (official: 2e-4 for 8 GPUs x 1 sample)')
     g.add_argument('--warmup', type=int, default=100, help='linear warm-up iterations, from lr/3 (official: 500)')
     g.add_argument('--min-lr-ratio', type=float, default=1e-3, help='cosine floor as a fraction of --lr')
-    g.add_argument('--backbone-lr-mult', type=float, default=0.1,
-                   help='lr multiplier of the backbone (0.1 officially, for a pretrained ResNet)')
+    g.add_argument('--backbone-lr-mult', type=float, default=None,
+                   help='lr multiplier of the backbone; default 0.1 with --backbone-weights (official, for a '
+                        'pretrained ResNet), 1.0 without (a ResNet trained from scratch)')
     g.add_argument('--weight-decay', type=float, default=0.01, help='AdamW weight decay')
     g.add_argument('--grad-clip', type=float, default=35.0, help='max L2 norm of all gradients')
     g.add_argument('--seed', type=int, default=0, help='seeds the weights, the data order and every augmentation')
@@ -463,9 +464,12 @@ def train(args, explicit=()):
 
     # -- optimiser: AdamW, backbone at 0.1x lr (architecture.md section 1) -------------------------
     backbone = {id(p) for p in model.backbone.parameters()}
+    backbone_lr_mult = args.backbone_lr_mult
+    if backbone_lr_mult is None:   # a pretrained ResNet is fine-tuned gently; one from scratch is not
+        backbone_lr_mult = 0.1 if args.backbone_weights else 1.0
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
-        {'params': [p for p in params if id(p) in backbone], 'lr_mult': args.backbone_lr_mult},
+        {'params': [p for p in params if id(p) in backbone], 'lr_mult': backbone_lr_mult},
         {'params': [p for p in params if id(p) not in backbone], 'lr_mult': 1.0},
     ], lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler('cuda', enabled=use_amp)

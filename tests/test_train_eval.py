@@ -160,7 +160,9 @@ def test_backbone_weights_are_loaded(world, tmp_path):
     # lr 0: the weights after one iteration are the loaded ones
     assert run_train(['--dataroot', world, '--iters', '1', '--lr', '0', '--no-eval', '--workers', '0',
                       '--backbone-weights', path, '--out', out] + SMALLER) == 0
-    got = torch.load(os.path.join(out, 'last.pt'), weights_only=True)['model']
+    ckpt = torch.load(os.path.join(out, 'last.pt'), weights_only=True)
+    assert [g['lr_mult'] for g in ckpt['optimizer']['param_groups']] == [0.1, 1.0]   # pretrained: 0.1x
+    got = ckpt['model']
     convs = [k for k in got if k.startswith('backbone.') and 'conv' in k and k.endswith('weight')]
     assert convs and all(torch.equal(got[k], donor.state_dict()[k]) for k in convs)
     neck = next(k for k in got if k.startswith('neck.') and k.endswith('weight'))
@@ -248,10 +250,10 @@ def test_checkpoint_is_plain_and_stores_the_overridden_config(world, stand_in, t
     assert ckpt['config']['width'] == 4 and ckpt['model']['backbone.weight'].shape[0] == 4
     assert ckpt['iter'] == 2 and ckpt['args']['set'] == ['width=4']
     assert set(ckpt) >= {'model', 'config', 'args', 'optimizer', 'iter', 'rng'}
-    # backbone at 0.1x lr
+    # a backbone trained from scratch gets the full lr (0.1x is for --backbone-weights, tested below)
     groups = ckpt['optimizer']['param_groups']
-    assert [g['lr_mult'] for g in groups] == [0.1, 1.0] and len(groups[0]['params']) == 2
-    assert groups[0]['lr'] == pytest.approx(0.1 * groups[1]['lr'])
+    assert [g['lr_mult'] for g in groups] == [1.0, 1.0] and len(groups[0]['params']) == 2
+    assert groups[0]['lr'] == pytest.approx(groups[1]['lr'])
     assert os.path.exists(os.path.join(out, 'learning_curve.png'))
     assert not any(f.endswith('.tmp') for f in os.listdir(out))
 
