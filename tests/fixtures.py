@@ -33,3 +33,32 @@ def small_world(tmp_dir, **overrides):
     with open(marker, 'w') as f:
         f.write(stamp)
     return root
+
+
+def devkit_pixels(nusc, sample_token, cam, points):
+    """points [K, 3] metric LIDAR_TOP -> (pixels [2, K] in the original image, depth [K], (W, H)),
+    through the devkit's own chain: lidar -> ego -> global -> ego (camera time) -> camera -> view_points."""
+    import numpy as np
+    from nuscenes.utils.data_classes import LidarPointCloud
+    from nuscenes.utils.geometry_utils import view_points
+    from pyquaternion import Quaternion
+    sample = nusc.get('sample', sample_token)
+    lidar_sd = nusc.get('sample_data', sample['data']['LIDAR_TOP'])
+    l_cs = nusc.get('calibrated_sensor', lidar_sd['calibrated_sensor_token'])
+    l_pose = nusc.get('ego_pose', lidar_sd['ego_pose_token'])
+    sd = nusc.get('sample_data', sample['data'][cam])
+    cs = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
+    pose = nusc.get('ego_pose', sd['ego_pose_token'])
+    pts = points.double().numpy().T
+    pc = LidarPointCloud(np.concatenate([pts, np.zeros((1, pts.shape[1]))]))
+    pc.rotate(Quaternion(l_cs['rotation']).rotation_matrix)
+    pc.translate(np.array(l_cs['translation']))
+    pc.rotate(Quaternion(l_pose['rotation']).rotation_matrix)
+    pc.translate(np.array(l_pose['translation']))
+    pc.translate(-np.array(pose['translation']))
+    pc.rotate(Quaternion(pose['rotation']).rotation_matrix.T)
+    pc.translate(-np.array(cs['translation']))
+    pc.rotate(Quaternion(cs['rotation']).rotation_matrix.T)
+    depth = pc.points[2].copy()
+    px = view_points(pc.points[:3], np.array(cs['camera_intrinsic']), normalize=True)[:2]
+    return px, depth, (sd['width'], sd['height'])

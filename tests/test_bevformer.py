@@ -38,38 +38,17 @@ def world(tmp_path_factory):
 
 def test_projected_reference_points_match_devkit(world):
     import data
-    from nuscenes.utils.data_classes import LidarPointCloud
-    from nuscenes.utils.geometry_utils import view_points
+    from fixtures import devkit_pixels
     ds = data.NuScenesDataset(world, 'v1.0-mini', 'val', image_size=(200, 113), queue_length=1)
     item = ds[1]
     cfg = small_cfg(image_size=(200, 113))
     pts = bf.pillar_points(cfg, 'cpu')                                  # [Z, Q, 3] metric lidar frame
     Hp, Wp = item['img'].shape[-2:]
     uv, mask = bf.project_points(pts, item['lidar2img'][None], (Hp, Wp))    # [N, 1, Q, Z, 2]
-    nusc = ds.nusc
-    sample = nusc.get('sample', item['sample_token'])
-    lidar_sd = nusc.get('sample_data', sample['data']['LIDAR_TOP'])
-    l_cs = nusc.get('calibrated_sensor', lidar_sd['calibrated_sensor_token'])
-    l_pose = nusc.get('ego_pose', lidar_sd['ego_pose_token'])
-    flat = pts.reshape(-1, 3).double().numpy().T                        # [3, Z*Q]
+    flat = pts.reshape(-1, 3)                                           # [Z*Q, 3]
     checked = 0
     for n, cam in enumerate(data.CAMERAS):
-        sd = nusc.get('sample_data', sample['data'][cam])
-        cs = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
-        pose = nusc.get('ego_pose', sd['ego_pose_token'])
-        pc = LidarPointCloud(np.concatenate([flat, np.zeros((1, flat.shape[1]))]))
-        # the devkit's own chain: lidar -> ego (lidar time) -> global -> ego (camera time) -> camera
-        pc.rotate(Quaternion(l_cs['rotation']).rotation_matrix)
-        pc.translate(np.array(l_cs['translation']))
-        pc.rotate(Quaternion(l_pose['rotation']).rotation_matrix)
-        pc.translate(np.array(l_pose['translation']))
-        pc.translate(-np.array(pose['translation']))
-        pc.rotate(Quaternion(pose['rotation']).rotation_matrix.T)
-        pc.translate(-np.array(cs['translation']))
-        pc.rotate(Quaternion(cs['rotation']).rotation_matrix.T)
-        depth = pc.points[2]
-        px = view_points(pc.points[:3], np.array(cs['camera_intrinsic']), normalize=True)[:2]   # [2, Z*Q]
-        W, H = sd['width'], sd['height']
+        px, depth, (W, H) = devkit_pixels(ds.nusc, item['sample_token'], cam, flat)   # [2, Z*Q]
         px = px * np.array([[200 / W], [113 / H]])                    # the dataset's resize to image_size
         ours = (uv[n, 0].permute(1, 0, 2).reshape(-1, 2).double().numpy() * [Wp, Hp]).T     # [2, Z*Q]
         front = depth > 0.1

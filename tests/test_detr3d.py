@@ -10,7 +10,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from pyquaternion import Quaternion
 
 import bevformer as bf
 import detr3d
@@ -47,32 +46,6 @@ def _randomize(model, seed=0):
 # Feature sampling against nuscenes-devkit
 # ---------------------------------------------------------------------------------------------
 
-def devkit_pixels(nusc, sample_token, cam, points):
-    """points [K, 3] metric LIDAR_TOP -> (pixels [2, K] in the original image, depth [K], (W, H)),
-    through the devkit's own chain: lidar -> ego -> global -> ego (camera time) -> camera -> view_points."""
-    from nuscenes.utils.data_classes import LidarPointCloud
-    from nuscenes.utils.geometry_utils import view_points
-    sample = nusc.get('sample', sample_token)
-    lidar_sd = nusc.get('sample_data', sample['data']['LIDAR_TOP'])
-    l_cs = nusc.get('calibrated_sensor', lidar_sd['calibrated_sensor_token'])
-    l_pose = nusc.get('ego_pose', lidar_sd['ego_pose_token'])
-    sd = nusc.get('sample_data', sample['data'][cam])
-    cs = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
-    pose = nusc.get('ego_pose', sd['ego_pose_token'])
-    pts = points.double().numpy().T
-    pc = LidarPointCloud(np.concatenate([pts, np.zeros((1, pts.shape[1]))]))
-    pc.rotate(Quaternion(l_cs['rotation']).rotation_matrix)
-    pc.translate(np.array(l_cs['translation']))
-    pc.rotate(Quaternion(l_pose['rotation']).rotation_matrix)
-    pc.translate(np.array(l_pose['translation']))
-    pc.translate(-np.array(pose['translation']))
-    pc.rotate(Quaternion(pose['rotation']).rotation_matrix.T)
-    pc.translate(-np.array(cs['translation']))
-    pc.rotate(Quaternion(cs['rotation']).rotation_matrix.T)
-    depth = pc.points[2].copy()
-    px = view_points(pc.points[:3], np.array(cs['camera_intrinsic']), normalize=True)[:2]
-    return px, depth, (sd['width'], sd['height'])
-
 
 def bilinear(fmap, x, y):
     """fmap [C, h, w] numpy; (x, y) in map pixels with pixel i's centre at i (align_corners=False after
@@ -92,6 +65,7 @@ def test_cross_attention_samples_where_the_devkit_projects(world):
     each query's metric reference point into every camera; visible points (depth > 0, strictly inside the
     padded image) are bilinearly sampled in every FPN level by hand, weighted by sigmoid(a) and summed;
     then output_proj, the residual and the positional encoding of inverse_sigmoid(ref)."""
+    from fixtures import devkit_pixels
     import data
     torch.manual_seed(0)
     ds = data.NuScenesDataset(world, 'v1.0-mini', 'val', image_size=(200, 113), queue_length=1)
