@@ -990,19 +990,23 @@ def _num_pos_average(n, device):
 # The detector
 # ---------------------------------------------------------------------------------------------
 
+def build_image_backbone(cfg):
+    """ResNet, FPN and GridMask of a config (BEVFormer's or DETR3D's: the image path is shared)."""
+    dcn = (False, False, cfg.backbone_dcn, cfg.backbone_dcn)
+    backbone = ResNet(depth=cfg.backbone_depth, style=cfg.backbone_style, out_indices=cfg.backbone_out,
+                      frozen_stages=cfg.frozen_stages, dcn_stages=dcn, base_width=cfg.backbone_width,
+                      with_cp=cfg.with_cp, norm_eval=cfg.backbone_norm_eval, bn_frozen=cfg.backbone_bn_frozen)
+    neck = FPN(backbone.out_channels, cfg.embed_dims, num_outs=cfg.fpn_levels, add_extra_on_output=True)
+    return backbone, neck, GridMask(prob=cfg.grid_mask_prob)
+
+
 class BEVFormer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         C = cfg.embed_dims
         # image backbone and neck (architecture.md 2.2)
-        dcn = (False, False, cfg.backbone_dcn, cfg.backbone_dcn)
-        self.backbone = ResNet(depth=cfg.backbone_depth, style=cfg.backbone_style,
-                               out_indices=cfg.backbone_out, frozen_stages=cfg.frozen_stages,
-                               dcn_stages=dcn, base_width=cfg.backbone_width, with_cp=cfg.with_cp,
-                               norm_eval=cfg.backbone_norm_eval, bn_frozen=cfg.backbone_bn_frozen)
-        self.neck = FPN(self.backbone.out_channels, C, num_outs=cfg.fpn_levels, add_extra_on_output=True)
-        self.grid_mask = GridMask(prob=cfg.grid_mask_prob)
+        self.backbone, self.neck, self.grid_mask = build_image_backbone(cfg)
         # BEV queries, learned positional encoding, camera/level embeddings, CAN bus MLP (2.3, 2.5)
         self.bev_embedding = nn.Embedding(cfg.bev_h * cfg.bev_w, C)
         self.positional_encoding = nn.Module()

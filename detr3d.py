@@ -33,7 +33,6 @@ Where we differ from the official code:
 Shape letters: B batch, N cameras, C channels, Q object queries, L FPN levels, K boxes, H/W sizes.
 """
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -43,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bevformer
-from bevformer import (FPN, BEVFormer, BEVFormerConfig, DecoderLayer, GridMask, ResNet, cls_branch,
+from bevformer import (BEVFormer, BEVFormerConfig, DecoderLayer, build_image_backbone, cls_branch,
                        inverse_sigmoid, project_points, reg_branch, refine_boxes)
 from data import InputError
 
@@ -70,6 +69,8 @@ class DETR3DConfig:
     backbone_dcn: bool = False     # DCNv2 in stages 3 and 4 (official R101-DCN)
     backbone_out: tuple = (1, 2, 3)
     frozen_stages: int = 1
+    backbone_norm_eval: bool = True   # BatchNorm on running statistics (official, pretrained)
+    backbone_bn_frozen: bool = True   # BatchNorm affine not trained (official, pretrained)
     with_cp: bool = False
     fpn_levels: int = 4            # L: the decoder samples every level
     grid_mask: bool = True
@@ -267,12 +268,7 @@ class DETR3D(nn.Module):
         super().__init__()
         self.cfg = cfg
         C = cfg.embed_dims
-        dcn = (False, False, cfg.backbone_dcn, cfg.backbone_dcn)
-        self.backbone = ResNet(depth=cfg.backbone_depth, style=cfg.backbone_style,
-                               out_indices=cfg.backbone_out, frozen_stages=cfg.frozen_stages,
-                               dcn_stages=dcn, base_width=cfg.backbone_width, with_cp=cfg.with_cp)
-        self.neck = FPN(self.backbone.out_channels, C, num_outs=cfg.fpn_levels, add_extra_on_output=True)
-        self.grid_mask = GridMask(prob=cfg.grid_mask_prob)
+        self.backbone, self.neck, self.grid_mask = build_image_backbone(cfg)   # shared with BEVFormer
         # object queries: a position half and a content half; reference points (official Detr3DTransformer)
         self.query_embedding = nn.Embedding(cfg.num_query, 2 * C)
         self.reference_points = nn.Linear(C, 3)
