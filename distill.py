@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bevformer
-from data import InputError
+from data import CAMERAS, InputError
 from ops import ms_deform_attn
 
 PC_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)  # x_min, y_min, z_min, x_max, y_max, z_max (metres)
@@ -664,7 +664,7 @@ class Distiller(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Pictures: selected queries, focal areas and sampling points over both BEV maps
+# 8. Pictures: selected queries, focal areas and sampling points over both BEV maps (DETR3D: per camera)
 # ----------------------------------------------------------------------------------------------------
 
 def _footprint(box):
@@ -689,6 +689,9 @@ def vis_focal(distiller, batch, path):
     d.apprentice.train(was_training)
     out_e = d.expert.eval()(batch_e)
     sel, boxes = d.focal_queries(out_e, batch_e)
+    if 'bev' not in out_e:  # DETR3D: no BEV, the picture is per camera
+        _draw_pv_focal(d, batch_e, out_e, out_a, sel, boxes, path)
+        return int(sel[0].sum())
     pc = d.expert.cfg.pc_range
     hw = tuple(out_e['bev'].shape[-2:])
     area = bev_focal_area(boxes[0], hw, pc, d.box_scale).cpu()
@@ -718,6 +721,62 @@ def vis_focal(distiller, batch, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return int(sel[0].sum())
+
+
+def _draw_pv_focal(d, batch_e, out_e, out_a, sel, boxes, path):
+    """DETR3D's picture (fd3d.md 6): one column per camera. Row 1: the expert's input image with the
+    selected queries' focal rectangles (red), the GT boxes' rectangles (green, dashed) and the last
+    decoder layer's projected reference points of the selected queries where visible (cyan, size ~
+    summed sigmoid weight). Rows 2-3: the expert's finest FPN level and the apprentice's level paired
+    with it (feature norm, over the padded image) with the PV focal area of that level (yellow)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    img = batch_e['img'][0].float().cpu()                            # [N, 3, Hp, Wp] RGB 0..255
+    N, (Hp, Wp) = img.shape[0], img.shape[-2:]
+    l2i = batch_e['lidar2img'][0].float()
+    rect, ok = project_boxes(boxes[0].float(), l2i, (Hp, Wp), d.box_scale)            # [N, K, 4], [N, K]
+    g_rect, g_ok = project_boxes(batch_e['gt_boxes'][0].float().to(l2i.device), l2i, (Hp, Wp), 1.0)
+    last = out_e['dec'][-1]
+    uv = last['uv'][0, sel[0]].cpu() * torch.tensor([Wp, Hp])                            # [K, N, 2] pixels
+    vis = last['mask'][0, sel[0]].cpu()                                                  # [K, N]
+    weight = last['attn'][0, sel[0]].sum(-1).cpu()                                       # [K, N]
+    f_e = out_e['fpn'][0][0].float().norm(dim=1).cpu()                                   # [N, h, w]
+    area = d.pv_areas(boxes, batch_e, [tuple(f_e.shape[-2:])])[0][0].cpu()               # [N, h, w]
+    a_level = min(range(len(out_a['fpn'])), key=lambda i: abs(out_a['fpn'][i].shape[-1] - f_e.shape[-1]))
+    f_a = out_a['fpn'][a_level][0].float().norm(dim=1).cpu()
+    extent = (0, Wp, Hp, 0)
+    fig, axes = plt.subplots(3, N, figsize=(3.2 * N, 6.2), squeeze=False)
+    for n in range(N):
+        ax = axes[0, n]
+        ax.imshow(img[n].permute(1, 2, 0).clamp(0, 255).byte().numpy(), extent=extent)
+        for (u0, v0, u1, v1), good in zip(g_rect[n].cpu().tolist(), g_ok[n].cpu().tolist()):
+            if good:
+                ax.add_patch(plt.Rectangle((u0, v0), u1 - u0, v1 - v0, fill=False, ec='lime', ls='--', lw=0.7))
+        for (u0, v0, u1, v1), good in zip(rect[n].cpu().tolist(), ok[n].cpu().tolist()):
+            if good:
+                ax.add_patch(plt.Rectangle((u0, v0), u1 - u0, v1 - v0, fill=False, ec='red', lw=0.9))
+        m = vis[:, n]
+        ax.scatter(uv[m, n, 0], uv[m, n, 1], s=4 + 20 * weight[m, n], c='cyan', linewidths=0)
+        name = CAMERAS[n] if N == len(CAMERAS) else f'camera {n}'
+        ax.set_title(f'{name}: {int(m.sum())} reference points', fontsize=8)
+        for row, fmap, who in ((1, f_e[n], f'expert {d.expert.cfg.name}'),
+                               (2, f_a[n], f'apprentice {d.apprentice.cfg.name}')):
+            ax = axes[row, n]
+            ax.imshow(fmap, cmap='gray', extent=extent)
+            if area[n].any():
+                ax.contour(area[n], levels=[0.5], colors='yellow', linewidths=0.8,
+                           extent=(0, Wp, 0, Hp), origin='upper')
+            ax.set_title(f'{who} FPN {tuple(fmap.shape)}', fontsize=8)
+    for ax in axes.flat:
+        ax.set_xlim(0, Wp)
+        ax.set_ylim(Hp, 0)
+        ax.axis('off')
+    fig.suptitle(f'{int(sel[0].sum())} selected expert queries ({d.select}): focal rectangles red, GT green, '
+                 f'reference points cyan, PV focal area yellow', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, out_dir, device):

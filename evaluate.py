@@ -399,7 +399,7 @@ def visualise(ds, preds, out_dir, k, score_threshold=0.3):
 
 
 def speed(model, cfg, device, amp=False, warmup=3, runs=10):
-    """Latency of model.predict on one sample (batch 1) with the previous BEV in its state, images
+    """Latency of model.predict on one sample (batch 1) with the previous BEV in its state (BEVFormer), images
     already at the preset's input size on the device: data loading, resizing and the host->device
     copy are excluded. The input is bevformer.example_batch (random pixels, a nuScenes-like rig), so
     no dataset is needed; the cost does not depend on the pixel values. Prints the protocol."""
@@ -432,11 +432,13 @@ def speed(model, cfg, device, amp=False, warmup=3, runs=10):
     # convolutions plus the deformable-attention op counted by hand)
     flops = bevformer.count_flops(model, data.to_device(batch, device))
     latency = float(np.median(times))
+    # BEVFormer carries the previous BEV from call to call; DETR3D is single-frame (its state is None)
+    history = 'previous BEV in the state' if state is not None else 'single frame (no temporal state)'
     where = f'{device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else \
         f'{device} ({torch.cuda.get_device_name(device)})'
     print(f"protocol: {cfg.name}, model.predict, batch 1, {img.shape[0]} cameras, input tensor "
           f"{img.shape[-1]}x{img.shape[-2]} (content {img_shape[1]}x{img_shape[0]}), {dtype}, {where}, "
-          f"previous BEV in the state, data loading and resizing excluded, median of {runs} runs after "
+          f"{history}, data loading and resizing excluded, median of {runs} runs after "
           f"{warmup} warm-up runs")
     print(f"latency {latency * 1000:.1f} ms  FPS {1 / latency:.2f}  parameters {params / 1e6:.2f} M  "
           f"GFLOPs {flops['gflops']:.2f} (2 per multiply-add; {flops['gmacs']:.2f} G multiply-adds, the unit "

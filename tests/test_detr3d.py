@@ -440,6 +440,15 @@ def test_smoke_train_then_evaluate_detr3d_cpu_tiny(world, tmp_path, capsys):
     assert last[0] == 'NDS' and last[2] == 'mAP' and 0 <= float(last[1]) <= 1
     with open(os.path.join(ev, 'results_nusc.json')) as f:
         assert len(json.load(f)['results']) == 4                             # every val sample predicted
+    # FD3D pictures of a DETR3D pair (no BEV: one column per camera); the checkpoint teaches itself here
+    capsys.readouterr()
+    evaluate.main(['--ckpt', os.path.join(out, 'last.pt'), '--teacher', os.path.join(out, 'last.pt'),
+                   '--vis-focal', '1', '--dataroot', world, '--out', ev])
+    printed = capsys.readouterr().out
+    pictures = os.listdir(os.path.join(ev, 'vis_focal'))
+    assert len(pictures) == 1 and 'selected queries' in printed
+    from PIL import Image
+    assert Image.open(os.path.join(ev, 'vis_focal', pictures[0])).size[0] > 1000
 
 
 # ---------------------------------------------------------------------------------------------

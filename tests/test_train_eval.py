@@ -478,3 +478,21 @@ if __name__ == '__main__' and '--stand-in' in sys.argv:
     evaluate.config_from_dict = lambda d, what='': StandInConfig(**d)
     evaluate.build_model = StandIn
     train.main()
+
+
+@pytest.mark.parametrize('preset,history', [('cpu-tiny', 'previous BEV in the state'),
+                                            ('detr3d-cpu-tiny', 'single frame (no temporal state)')])
+def test_speed_prints_the_protocol_and_the_figures(preset, history, capsys):
+    """evaluate.py --speed: the protocol line names the preset, batch, input size, precision and the
+    temporal state the detector really has; the figures line has latency, FPS, parameters and GFLOPs."""
+    import evaluate
+    res = evaluate.main(['--model', preset, '--speed', '--device', 'cpu'])
+    lines = capsys.readouterr().out.strip().splitlines()
+    protocol, figures = lines[-2], lines[-1]
+    assert protocol.startswith(f'protocol: {preset}, model.predict, batch 1, 6 cameras, input tensor 224x128 '
+                               f'(content 200x113), fp32') and history in protocol, protocol
+    assert 'data loading and resizing excluded' in protocol
+    fields = figures.split()
+    assert fields[0] == 'latency' and fields[3] == 'FPS' and fields[5] == 'parameters' and fields[8] == 'GFLOPs'
+    assert float(fields[1]) > 0 and float(fields[6]) > 0.1 and float(fields[9]) > 0.1
+    assert res is None   # main() prints; the figures are in run()'s return value
