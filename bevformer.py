@@ -1308,8 +1308,9 @@ def _history_frames(batch):
 _OFFICIAL = dict(embed_dims=256, ffn_dims=512, num_heads=8, enc_layers=3, dec_layers=6, num_query=900,
                  grid_mask=True, official_quirks=True)
 
-# a ResNet trained from scratch (the CPU presets): nothing frozen, BatchNorm on batch statistics
-_FROM_SCRATCH = dict(frozen_stages=-1, backbone_norm_eval=False, backbone_bn_frozen=False)
+# a ResNet trained from scratch (the CPU presets of both detectors): nothing frozen, BatchNorm on batch
+# statistics (freezing a randomly initialised stem, as the official presets do with ImageNet weights, hurts)
+FROM_SCRATCH = dict(frozen_stages=-1, backbone_norm_eval=False, backbone_bn_frozen=False)
 
 PRESETS = {
     # official configs (bevformer_{tiny,small,base}.py)
@@ -1350,12 +1351,12 @@ PRESETS = {
                                 backbone_depth=18, backbone_style='pytorch', backbone_width=32,
                                 backbone_out=(1, 2), fpn_levels=2, embed_dims=128, ffn_dims=256,
                                 num_heads=8, bev_h=50, bev_w=50, enc_layers=2, dec_layers=3,
-                                num_query=300, grid_mask=False, dropout=0.0, **_FROM_SCRATCH),
+                                num_query=300, grid_mask=False, dropout=0.0, **FROM_SCRATCH),
     'cpu-base': BEVFormerConfig(name='cpu-base', image_size=(400, 225), normalisation='rgb', queue_length=2,
                                 backbone_depth=34, backbone_style='pytorch', backbone_width=24,
                                 backbone_out=(2, 3), fpn_levels=2, embed_dims=128, ffn_dims=256,
                                 num_heads=8, bev_h=100, bev_w=100, enc_layers=3, dec_layers=3,
-                                num_query=300, grid_mask=False, dropout=0.0, **_FROM_SCRATCH),
+                                num_query=300, grid_mask=False, dropout=0.0, **FROM_SCRATCH),
 }
 
 # GFLOPs of the paper's Table (FD3D, CVPR 2023), for `bench` (the comparison is indicative)

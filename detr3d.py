@@ -360,14 +360,17 @@ PRESETS = {
     # relation to its apprentice (bigger backbone, same width and decoder) and, like BEVFormer's CPU
     # pair, twice the input resolution: its FPN levels (strides 16, 32, 64 at 400x225) have the sizes
     # of the apprentice's (strides 8, 16, 32 at 200x113), so PV distillation pairs them one to one.
+    # Both train their ResNet from scratch without dropout, as BEVFormer's CPU presets.
     'detr3d-cpu-tiny': DETR3DConfig(name='detr3d-cpu-tiny', image_size=(200, 113), normalisation='rgb',
                                     backbone_depth=18, backbone_style='pytorch', backbone_width=32,
                                     backbone_out=(1, 2), fpn_levels=3, embed_dims=128, ffn_dims=256,
-                                    num_heads=8, dec_layers=3, num_query=300, grid_mask=False),
+                                    num_heads=8, dec_layers=3, num_query=300, grid_mask=False, dropout=0.0,
+                                    **bevformer.FROM_SCRATCH),
     'detr3d-cpu-base': DETR3DConfig(name='detr3d-cpu-base', image_size=(400, 225), normalisation='rgb',
                                     backbone_depth=34, backbone_style='pytorch', backbone_width=32,
                                     backbone_out=(2, 3), fpn_levels=3, embed_dims=128, ffn_dims=256,
-                                    num_heads=8, dec_layers=3, num_query=300, grid_mask=False),
+                                    num_heads=8, dec_layers=3, num_query=300, grid_mask=False, dropout=0.0,
+                                    **bevformer.FROM_SCRATCH),
 }
 
 # GFLOPs of the FD3D paper's table (mmcv-style multiply-adds), for `bench` (indicative)

@@ -207,6 +207,12 @@ def test_presets_and_config_errors():
     r101 = detr3d.PRESETS['detr3d-r101']
     assert (r101.backbone_depth, r101.backbone_dcn, r101.fpn_levels, r101.padded_size) == (101, True, 4, (1600, 928))
     assert detr3d.PRESETS['detr3d-cpu-base'].image_size == (400, 225)
+    for name in ('detr3d-cpu-tiny', 'detr3d-cpu-base'):    # from scratch: nothing frozen, batch statistics
+        c = detr3d.PRESETS[name]
+        assert (c.frozen_stages, c.backbone_norm_eval, c.backbone_bn_frozen) == (-1, False, False), name
+        model = detr3d.DETR3D(c).train()
+        assert all(p.requires_grad for p in model.backbone.parameters())
+        assert all(m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
     cfg = detr3d.DETR3DConfig(**json.loads(json.dumps(dataclasses.asdict(r101))))   # tuples come back as lists
     assert cfg == r101
     with pytest.raises(InputError, match='queue_length must be 1'):
