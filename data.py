@@ -50,10 +50,21 @@ class InputError(ValueError):
     """Bad user input (missing folder, wrong flag, corrupt file): the CLIs print `error: <message>`."""
 
 
-def write_synthetic_world(out, version='v1.0-mini', train_scenes=None, val_scenes=None, samples_per_scene=40,
-                          image_scale=0.25, seed=0, **kwargs):
-    """Write the synthetic nuScenes-format world (synthetic.py; kwargs: workers, progress). Returns its
-    statistics (seconds, bytes, scenes, samples, annotations, image_size). Bad requests raise InputError."""
+# The world `python train.py` writes when data/synthetic is missing (and `python data.py synth` by default):
+# many short scenes, under v1.0-trainval names because mini has only 8 + 2, with images at the cpu-tiny
+# input size (200x113: nothing to resize, 4x fewer pixels to render and decode). Why: on mini's 8 long
+# scenes (320 training samples) cpu-tiny overfit within the default run (after 2000 iterations: train mAP
+# 0.092, val 0.025); the README's "No GPU" section has the measurements that chose these numbers.
+DEFAULT_WORLD = dict(version='v1.0-trainval', train_scenes=160, val_scenes=15, samples_per_scene=12,
+                     image_scale=0.125)
+
+
+def write_synthetic_world(out, version=DEFAULT_WORLD['version'], train_scenes=DEFAULT_WORLD['train_scenes'],
+                          val_scenes=DEFAULT_WORLD['val_scenes'], samples_per_scene=DEFAULT_WORLD['samples_per_scene'],
+                          image_scale=DEFAULT_WORLD['image_scale'], seed=0, **kwargs):
+    """Write the synthetic nuScenes-format world (synthetic.py; kwargs: workers, progress); the defaults
+    are DEFAULT_WORLD, and train_scenes/val_scenes None mean all of the version's. Returns its statistics
+    (seconds, bytes, scenes, samples, annotations, image_size). Bad requests raise InputError."""
     try:
         return synthetic.write_synthetic_world(out, version, train_scenes, val_scenes, samples_per_scene,
                                                image_scale, seed, **kwargs)
@@ -72,6 +83,27 @@ def to_device(batch, device):
     if isinstance(batch, tuple):
         return tuple(to_device(v, device) for v in batch)
     return batch
+
+
+VERSIONS = ('v1.0-trainval', 'v1.0-mini', 'v1.0-test')
+
+
+def resolve_version(dataroot, version='auto', split=None):
+    """`--version auto` (the CLIs' default) -> the version whose tables are in dataroot: v1.0-test for the
+    test split, otherwise v1.0-trainval if present, else v1.0-mini. Any other value is returned as given
+    (a missing dataroot is an InputError either way)."""
+    if not os.path.isdir(dataroot):
+        raise InputError('--dataroot %s: folder not found; expected a nuScenes-format root (run `python data.py '
+                         'synth --out %s` for the synthetic world)' % (dataroot, dataroot))
+    if version != 'auto':
+        return version
+    present = [v for v in VERSIONS if os.path.isdir(os.path.join(dataroot, v))]
+    wanted = ('v1.0-test',) if split == 'test' else ('v1.0-trainval', 'v1.0-mini')
+    for v in wanted:
+        if v in present:
+            return v
+    raise InputError('--version auto: %s holds no %s tables (versions present: %s); give the right --dataroot '
+                     'or --version' % (dataroot, ' or '.join(wanted), ', '.join(present) or 'none'))
 
 
 def split_scene_names(version, split):
@@ -161,14 +193,14 @@ class NuScenesDataset(torch.utils.data.Dataset):
     train: draw history frames as BEVFormer does and skip samples without GT; False (evaluation) takes
            the immediately preceding frames and keeps every sample.
     photometric: photometric distortion of every image (training augmentation).
+    history_draw: how training draws its history: 'random' (BEVFormer: T-1 of the previous T frames) or
+           'previous' (the T-1 immediately preceding frames, as in evaluation).
     """
 
-    def __init__(self, dataroot, version='v1.0-mini', split='val', image_size=None, queue_length=1, train=False,
-                 photometric=False):
+    def __init__(self, dataroot, version='auto', split='val', image_size=None, queue_length=1, train=False,
+                 photometric=False, history_draw='random'):
         from nuscenes.nuscenes import NuScenes
-        if not os.path.isdir(dataroot):
-            raise InputError('--dataroot %s: folder not found; expected a nuScenes-format root (run `python data.py '
-                             'synth --out %s` for the synthetic world)' % (dataroot, dataroot))
+        version = resolve_version(dataroot, version, split)
         table_dir = os.path.join(dataroot, version)
         if not os.path.isdir(table_dir):
             found = sorted(d for d in os.listdir(dataroot) if d.startswith('v1.0'))
@@ -177,6 +209,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
         names = split_scene_names(version, split)
         if queue_length < 1:
             raise InputError('queue_length %d: expected >= 1' % queue_length)
+        if history_draw not in ('random', 'previous'):
+            raise InputError("history_draw %r: expected 'random' or 'previous'" % (history_draw,))
         try:
             self.nusc = NuScenes(version=version, dataroot=dataroot, verbose=False)
         except (OSError, AssertionError, KeyError, ValueError) as e:
@@ -185,6 +219,7 @@ class NuScenesDataset(torch.utils.data.Dataset):
         self.dataroot, self.version, self.split = dataroot, version, split
         self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         self.queue_length, self.train, self.photometric = int(queue_length), bool(train), bool(photometric)
+        self.history_draw = history_draw
 
         scenes = [s for s in self.nusc.scene if s['name'] in names]
         if not scenes:
@@ -366,12 +401,13 @@ class NuScenesDataset(torch.utils.data.Dataset):
 
     def history_indices(self, index, generator=None):
         """Dataset indices of the history frames, oldest first, all of the same scene and earlier.
-        Training (architecture.md 2.13): T-1 frames drawn at random from the previous T; evaluation: the
-        T-1 immediately preceding frames. Frames of another scene (and before index 0) are dropped."""
+        Training (architecture.md 2.13): T-1 frames drawn at random from the previous T; evaluation and
+        history_draw='previous': the T-1 immediately preceding frames. Frames of another scene (and
+        before index 0) are dropped."""
         T = self.queue_length
         if T <= 1:
             return []
-        if self.train:
+        if self.train and self.history_draw == 'random':
             prev = list(range(index - T, index))
             keep = torch.randperm(T, generator=generator)[:T - 1].tolist()
             prev = sorted(prev[k] for k in keep)
@@ -456,7 +492,7 @@ def bench(args):
     n = min(args.samples, len(ds))
     print('dataset %s %s %s: %d samples; image_size %dx%d, queue_length %d (%d frames x 6 cameras per sample), '
           'train=True, photometric=True; %d samples timed after %d warm-up'
-          % (args.dataroot, args.version, args.split, len(ds), size[0], size[1], T, T, n, args.warmup))
+          % (args.dataroot, ds.version, args.split, len(ds), size[0], size[1], T, T, n, args.warmup))
     for workers in (0, 2):
         loader = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=True, num_workers=workers,
                                              collate_fn=collate, persistent_workers=False)
@@ -488,7 +524,7 @@ def picture(dataroot, version, split, index, out):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     Image.fromarray(mosaic).save(out)
     print('wrote %s: sample %s (%s, index %d of %s/%s)' % (out, sample['token'], ds.nusc.get(
-        'scene', sample['scene_token'])['name'], index, version, split))
+        'scene', sample['scene_token'])['name'], index, ds.version, split))
 
 
 def main(argv=None):
@@ -496,17 +532,22 @@ def main(argv=None):
     sub = p.add_subparsers(dest='cmd', required=True)
     s = sub.add_parser('synth', help='write the synthetic nuScenes-format world')
     s.add_argument('--out', default='data/synthetic', help='output folder (default data/synthetic)')
-    s.add_argument('--version', default='v1.0-mini', help='v1.0-mini (8 + 2 scenes) or v1.0-trainval')
-    s.add_argument('--train-scenes', type=int, default=None, help='number of train scenes (default 8)')
-    s.add_argument('--val-scenes', type=int, default=None, help='number of val scenes (default 2)')
-    s.add_argument('--samples-per-scene', type=int, default=40, help='keyframes per scene at 2 Hz (default 40)')
-    s.add_argument('--image-scale', type=float, default=0.25, help='image size as a fraction of 1600x900 '
-                   '(default 0.25: 400x225)')
+    w = DEFAULT_WORLD
+    s.add_argument('--version', default=w['version'], help='v1.0-mini (8 + 2 scenes) or v1.0-trainval '
+                   '(700 + 150) (default %s)' % w['version'])
+    s.add_argument('--train-scenes', type=int, default=None, help='number of train scenes (default %d for the '
+                   'default version, else all of the version)' % w['train_scenes'])
+    s.add_argument('--val-scenes', type=int, default=None, help='number of val scenes (default %d for the '
+                   'default version, else all of the version)' % w['val_scenes'])
+    s.add_argument('--samples-per-scene', type=int, default=w['samples_per_scene'],
+                   help='keyframes per scene at 2 Hz (default %d)' % w['samples_per_scene'])
+    s.add_argument('--image-scale', type=float, default=w['image_scale'], help='image size as a fraction of '
+                   '1600x900 (default %g: %dx%d)' % ((w['image_scale'],) + synthetic.image_size(w['image_scale'])))
     s.add_argument('--seed', type=int, default=0, help='random seed (same seed, same bytes)')
     s.add_argument('--workers', type=int, default=None, help='rendering processes (default min(2, CPUs))')
     b = sub.add_parser('bench', help='loading throughput with 0 and 2 workers')
     b.add_argument('--dataroot', default='data/synthetic', help='nuScenes-format root')
-    b.add_argument('--version', default='v1.0-mini', help='dataset version folder')
+    b.add_argument('--version', default='auto', help='dataset version folder (auto: the one present)')
     b.add_argument('--split', default='train', help='train or val')
     b.add_argument('--image-size', type=int, nargs=2, default=(200, 113), metavar=('W', 'H'),
                    help='resize target (default 200 113: the cpu-tiny apprentice input)')
@@ -515,13 +556,16 @@ def main(argv=None):
     b.add_argument('--warmup', type=int, default=3, help='samples loaded before timing')
     c = sub.add_parser('picture', help="one sample's six cameras as a PNG mosaic")
     c.add_argument('--dataroot', default='data/synthetic', help='nuScenes-format root')
-    c.add_argument('--version', default='v1.0-mini', help='dataset version folder')
+    c.add_argument('--version', default='auto', help='dataset version folder (auto: the one present)')
     c.add_argument('--split', default='val', help='train or val')
     c.add_argument('--index', type=int, default=0, help='sample index in the split (time order)')
     c.add_argument('--out', default='docs/synthetic_cameras.png', help='output PNG')
     args = p.parse_args(argv)
     try:
         if args.cmd == 'synth':
+            if args.version == DEFAULT_WORLD['version']:    # the default world's scene counts
+                args.train_scenes = DEFAULT_WORLD['train_scenes'] if args.train_scenes is None else args.train_scenes
+                args.val_scenes = DEFAULT_WORLD['val_scenes'] if args.val_scenes is None else args.val_scenes
             stats = write_synthetic_world(args.out, args.version, args.train_scenes, args.val_scenes,
                                           args.samples_per_scene, args.image_scale, args.seed, workers=args.workers)
             print('wrote %s: %d scenes, %d samples, %d annotations, images %dx%d, %.1f MB in %.1f s'

@@ -459,7 +459,8 @@ def get_args(argv=None):
     g.add_argument('--oracle', action='store_true', help='score the ground truth sent through the prediction path (checks conventions: NDS ~1)')
     g = p.add_argument_group('data')
     g.add_argument('--dataroot', default='data/synthetic', help='nuScenes-format root')
-    g.add_argument('--version', default='v1.0-mini', help='v1.0-mini, v1.0-trainval or v1.0-test')
+    g.add_argument('--version', default='auto', help='v1.0-mini, v1.0-trainval or v1.0-test; auto: the one whose '
+                   'tables are in --dataroot (v1.0-test for --split test, else trainval first)')
     g.add_argument('--split', default='val', help="'val' or 'train' (scored), 'test' (with --format-only)")
     g.add_argument('--workers', type=int, default=2, help='data-loading processes')
     g = p.add_argument_group('outputs')
@@ -523,7 +524,7 @@ def run(args):
         visualise(ds, preds, os.path.join(out, 'vis'), args.vis)
     if args.format_only or args.split == 'test':
         return None
-    summary = score(ds.nusc, result_path, eval_set_name(args.version, args.split), out)
+    summary = score(ds.nusc, result_path, eval_set_name(ds.version, args.split), out)
     print_last_line(summary)
     return summary
 

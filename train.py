@@ -87,7 +87,8 @@ def make_parser():
     g = p.add_argument_group('data')
     g.add_argument('--dataroot', default=DEFAULT_DATAROOT,
                    help=f'nuScenes-format root ({DEFAULT_DATAROOT} is written by the synthetic generator if missing)')
-    g.add_argument('--version', default='v1.0-mini', help='v1.0-mini or v1.0-trainval (train on train, evaluate on val)')
+    g.add_argument('--version', default='auto', help='v1.0-mini or v1.0-trainval (train on train, evaluate on val); '
+                   'auto: the one whose tables are in --dataroot (trainval first)')
     g.add_argument('--workers', type=int, default=2, help='data-loading processes per training process')
     g = p.add_argument_group('schedule and optimiser')
     g.add_argument('--iters', type=int, default=2000,
@@ -443,11 +444,13 @@ def train(args, explicit=()):
     if args.dataroot == DEFAULT_DATAROOT and not os.path.isdir(args.dataroot):
         if master:
             say(f'writing the synthetic world to {args.dataroot} (once)')
-            data.write_synthetic_world(args.dataroot, version=args.version)
+            data.write_synthetic_world(args.dataroot, **data.DEFAULT_WORLD)
         if world > 1:
             dist.barrier()
+    args.version = data.resolve_version(args.dataroot, args.version)     # 'auto' -> the folder's version
     train_set = data.NuScenesDataset(args.dataroot, version=args.version, split='train',
-                                     image_size=load_size, queue_length=load_queue, train=True)
+                                     image_size=load_size, queue_length=load_queue, train=True,
+                                     history_draw=getattr(cfg, 'history_draw', 'random'))
     val_set = None if args.no_eval and not args.eval_every else data.NuScenesDataset(
         args.dataroot, version=args.version, split='val', image_size=tuple(cfg.image_size), queue_length=1,
         train=False)

@@ -202,7 +202,7 @@ def test_ground_truth_scores_one_and_shifted_less(val, tmp_path):
 # -- synthetic world ---------------------------------------------------------------------------------------
 
 def test_synthetic_world_is_deterministic(tmp_path):
-    kw = dict(train_scenes=2, val_scenes=0, samples_per_scene=2, image_scale=0.05, progress=False)
+    kw = dict(version='v1.0-mini', train_scenes=2, val_scenes=0, samples_per_scene=2, image_scale=0.05, progress=False)
     a, b, c = (str(tmp_path / n) for n in 'abc')
     data.write_synthetic_world(a, seed=3, workers=0, **kw)
     data.write_synthetic_world(b, seed=3, workers=2, **kw)          # processes do not change a byte
@@ -326,6 +326,16 @@ def test_history_same_scene_and_earlier(world):
         for f in item['history']:
             assert f['scene_token'] == item['scene_token'] and f['timestamp'] < item['timestamp']
             assert f['img'].shape == item['img'].shape
+    # history_draw='previous' (the CPU presets): training takes the frames just before, as evaluation
+    ds = data.NuScenesDataset(world, 'v1.0-mini', 'train', image_size=SIZE, queue_length=T, train=True,
+                              history_draw='previous')
+    for i in range(len(ds)):
+        pos = i - ds.scene_start[ds.scene_index[i]]
+        for _ in range(3):
+            h = ds.history_indices(i)
+            assert h == list(range(i - min(T - 1, pos), i))
+    with pytest.raises(data.InputError, match="history_draw 'next'"):
+        data.NuScenesDataset(world, 'v1.0-mini', 'train', history_draw='next')
 
 
 def test_photometric_flag(world):
@@ -348,7 +358,7 @@ def test_bad_input_messages(world, tmp_path):
     with pytest.raises(data.InputError, match='--split test'):
         data.NuScenesDataset(world, 'v1.0-mini', 'test')
     with pytest.raises(data.InputError, match='v1.0-mini has 8 train'):
-        data.write_synthetic_world(str(tmp_path / 'w'), train_scenes=9)
+        data.write_synthetic_world(str(tmp_path / 'w'), 'v1.0-mini', train_scenes=9)
     # a missing image is found when the dataset is built, a corrupt one when it is read
     copy = str(tmp_path / 'copy')
     shutil.copytree(world, copy)
@@ -362,6 +372,22 @@ def test_bad_input_messages(world, tmp_path):
     os.remove(first)
     with pytest.raises(data.InputError, match=os.path.basename(first) + '.*missing'):
         data.NuScenesDataset(copy, 'v1.0-mini', 'val')
+
+
+def test_version_auto_picks_the_folder_present(world, tmp_path):
+    """--version auto (the CLIs' default): the version whose tables are in the root, trainval before mini,
+    v1.0-test for the test split; an explicit version is kept; nothing usable is a one-line InputError."""
+    assert data.resolve_version(world) == 'v1.0-mini' and data.NuScenesDataset(world).version == 'v1.0-mini'
+    both = tmp_path / 'both'
+    for v in ('v1.0-mini', 'v1.0-trainval', 'v1.0-test'):
+        (both / v).mkdir(parents=True)
+    assert data.resolve_version(str(both)) == 'v1.0-trainval'
+    assert data.resolve_version(str(both), split='test') == 'v1.0-test'
+    assert data.resolve_version(str(both), 'v1.0-mini') == 'v1.0-mini'
+    with pytest.raises(data.InputError, match=r'--version auto: .* holds no v1.0-test tables \(versions present: v1.0-mini\)'):
+        data.resolve_version(world, split='test')
+    with pytest.raises(data.InputError, match='--dataroot .*nowhere: folder not found'):
+        data.resolve_version(str(tmp_path / 'nowhere'))
 
 
 def test_cli_error_is_one_line(tmp_path):
@@ -423,12 +449,14 @@ def test_trainval_names(tmp_path):
 
 @pytest.mark.slow
 def test_default_world_ground_truth_scores_one(tmp_path_factory):
-    """The default world (8 + 2 scenes x 40 samples, 400x225): every scene holds all 10 classes and
-    its ground truth through the prediction path scores mAP = NDS = 1 on mini_val."""
+    """The default world (data.DEFAULT_WORLD: 160 + 15 trainval scenes x 12 samples, 200x113): every scene
+    holds all 10 classes and its ground truth through the prediction path scores mAP = NDS = 1 on val."""
     root = str(tmp_path_factory.mktemp('default_world'))
     data.write_synthetic_world(root, progress=False)
-    ds = data.NuScenesDataset(root, 'v1.0-mini', 'val', image_size=(200, 113))
-    assert len(ds) == 80 and len(ds.nusc.scene) == 10
+    ds = data.NuScenesDataset(root, split='val', image_size=(200, 113))
+    w = data.DEFAULT_WORLD
+    assert ds.version == w['version'] == 'v1.0-trainval'
+    assert len(ds) == w['val_scenes'] * w['samples_per_scene'] and len(ds.nusc.scene) == w['train_scenes'] + w['val_scenes']
     m = evaluate(ds, submission(ds), str(tmp_path_factory.mktemp('default_eval')))
     assert m.mean_ap >= 0.99 and m.nd_score >= 0.99, (m.mean_ap, m.nd_score, m.tp_errors)
     test_no_two_objects_overlap(ds)
