@@ -45,25 +45,23 @@ from ops import ms_deform_attn
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
-class BEVFormerConfig:
-    name: str = 'cpu-tiny'
-    detector: str = 'bevformer'
+class DetectorConfig:
+    """The fields both detectors share (DETR3DConfig in detr3d.py extends this class too): input, image
+    backbone and neck, the transformer's width, loss and matching, decoding."""
+    name: str = ''
+    detector: str = ''
     # input: content size (W, H) the images are resized to, zero-padded to a multiple of `pad_to`
     image_size: tuple = (200, 113)
     pad_to: int = 32
     normalisation: str = 'rgb'     # 'rgb': ImageNet mean/std on RGB (Tiny); 'caffe': BGR, mean only
-    queue_length: int = 3          # frames per training sample (1 = no history)
-    # training history: 'random' = BEVFormer's T-1 of the previous T frames; 'previous' = the T-1 frames
-    # just before, as at test time. With a single history frame (T = 2) the random draw makes the gap
-    # 0.5 s or 1 s at random (T = 4: mostly 0.5 s), which blurs what a displacement means for velocity.
-    history_draw: str = 'random'
+    queue_length: int = 1          # frames per training sample (1 = no history)
     num_cams: int = 6
     num_classes: int = 10
     # image backbone and neck
     backbone_depth: int = 18
     backbone_style: str = 'pytorch'
     backbone_width: int = 64       # 64 = the standard ResNet
-    backbone_dcn: bool = False     # DCNv2 in stages 3 and 4 (Small/Base)
+    backbone_dcn: bool = False     # DCNv2 in stages 3 and 4 (Small/Base, DETR3D R101)
     backbone_out: tuple = (3,)     # out_indices, 0..3 = C2..C5
     frozen_stages: int = 1         # 1: stem + layer1 frozen (official, pretrained); -1: nothing frozen
     backbone_norm_eval: bool = True   # BatchNorm on running statistics (official, pretrained)
@@ -72,26 +70,15 @@ class BEVFormerConfig:
     fpn_levels: int = 1            # FPN outputs L (extra stride-2 levels when > len(backbone_out))
     grid_mask: bool = True
     grid_mask_prob: float = 0.7
-    # BEV encoder / decoder
+    # transformer width, detection range, object queries
     embed_dims: int = 256
     ffn_dims: int = 512
     num_heads: int = 8
     dropout: float = 0.1
-    bev_h: int = 50
-    bev_w: int = 50
     pc_range: tuple = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
-    num_z: int = 4                 # pillar anchors per BEV cell
-    enc_layers: int = 3
     dec_layers: int = 6
     num_query: int = 900
-    tsa_points: int = 4
-    sca_points: int = 8            # split evenly over the Z anchors (2 per anchor officially)
-    dec_points: int = 4
-    use_can_bus: bool = True
-    use_shift: bool = True
-    rotate_prev_bev: bool = True
-    official_quirks: bool = False  # reproduce architecture.md 2.14 (the official presets set it)
-    # loss and matching (architecture.md 2.11)
+    # loss and matching (architecture.md 2.11; identical for DETR3D)
     cls_weight: float = 2.0
     bbox_weight: float = 0.25
     focal_alpha: float = 0.25
@@ -101,24 +88,23 @@ class BEVFormerConfig:
     max_num: int = 300
     post_center_range: tuple = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
 
+    def checks(self):
+        """(ok, message) pairs checked after construction; each detector adds its own."""
+        return [
+            (self.normalisation in ('rgb', 'caffe'), f"normalisation must be 'rgb' or 'caffe', got {self.normalisation!r}"),
+            (self.backbone_style in ('pytorch', 'caffe'), "backbone_style must be 'pytorch' or 'caffe'"),
+            (self.embed_dims % self.num_heads == 0, 'embed_dims must be divisible by num_heads'),
+            (self.fpn_levels >= len(self.backbone_out), 'fpn_levels must be >= len(backbone_out)'),
+            (len(self.image_size) == 2 and len(self.pc_range) == 6, 'image_size is (W, H), pc_range has 6 values'),
+            (self.queue_length >= 1 and 1 <= self.num_cams <= 6, 'queue_length >= 1 and 1 to 6 cameras'),
+        ]
+
     def __post_init__(self):
-        # checkpoints may hand tuples back as lists
-        for f in fields(self):
+        for f in fields(self):                   # checkpoints may hand tuples back as lists
             v = getattr(self, f.name)
             if isinstance(v, list):
                 setattr(self, f.name, tuple(v))
-        checks = [
-            (self.detector == 'bevformer', f"detector must be 'bevformer', got {self.detector!r}"),
-            (self.normalisation in ('rgb', 'caffe'), f"normalisation must be 'rgb' or 'caffe', got {self.normalisation!r}"),
-            (self.backbone_style in ('pytorch', 'caffe'), f"backbone_style must be 'pytorch' or 'caffe'"),
-            (self.embed_dims % self.num_heads == 0, 'embed_dims must be divisible by num_heads'),
-            (self.sca_points % self.num_z == 0, 'sca_points must be a multiple of num_z'),
-            (self.fpn_levels >= len(self.backbone_out), 'fpn_levels must be >= len(backbone_out)'),
-            (len(self.image_size) == 2 and len(self.pc_range) == 6, 'image_size is (W, H), pc_range has 6 values'),
-            (self.queue_length >= 1 and self.num_cams <= 6, 'queue_length >= 1 and at most 6 cameras'),
-            (self.history_draw in ('random', 'previous'), "history_draw must be 'random' or 'previous'"),
-        ]
-        for ok, msg in checks:
+        for ok, msg in self.checks():
             if not ok:
                 raise InputError(f'config {self.name}: {msg}')
 
@@ -127,6 +113,36 @@ class BEVFormerConfig:
         """(W, H) of the image tensor after zero padding to a multiple of `pad_to`."""
         W, H = self.image_size
         return (-(-W // self.pad_to) * self.pad_to, -(-H // self.pad_to) * self.pad_to)
+
+
+@dataclass
+class BEVFormerConfig(DetectorConfig):
+    name: str = 'cpu-tiny'
+    detector: str = 'bevformer'
+    queue_length: int = 3          # frames per training sample (1 = no history)
+    # training history: 'random' = BEVFormer's T-1 of the previous T frames; 'previous' = the T-1 frames
+    # just before, as at test time. With a single history frame (T = 2) the random draw makes the gap
+    # 0.5 s or 1 s at random (T = 4: mostly 0.5 s), which blurs what a displacement means for velocity.
+    history_draw: str = 'random'
+    # BEV encoder and the decoder's BEV cross-attention
+    bev_h: int = 50
+    bev_w: int = 50
+    num_z: int = 4                 # pillar anchors per BEV cell
+    enc_layers: int = 3
+    tsa_points: int = 4
+    sca_points: int = 8            # split evenly over the Z anchors (2 per anchor officially)
+    dec_points: int = 4
+    use_can_bus: bool = True
+    use_shift: bool = True
+    rotate_prev_bev: bool = True
+    official_quirks: bool = False  # reproduce architecture.md 2.14 (the official presets set it)
+
+    def checks(self):
+        return super().checks() + [
+            (self.detector == 'bevformer', f"detector must be 'bevformer', got {self.detector!r}"),
+            (self.sca_points % self.num_z == 0, 'sca_points must be a multiple of num_z'),
+            (self.history_draw in ('random', 'previous'), "history_draw must be 'random' or 'previous'"),
+        ]
 
 
 # ---------------------------------------------------------------------------------------------

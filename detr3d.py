@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bevformer
-from bevformer import (BEVFormer, BEVFormerConfig, DecoderLayer, build_image_backbone, cls_branch,
+from bevformer import (BEVFormer, DecoderLayer, DetectorConfig, build_image_backbone, cls_branch,
                        inverse_sigmoid, project_points, reg_branch, refine_boxes)
 from data import InputError
 
@@ -52,68 +52,20 @@ from data import InputError
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
-class DETR3DConfig:
+class DETR3DConfig(DetectorConfig):
+    """bevformer.DetectorConfig (input, backbone, width, loss, decoding) with DETR3D's defaults; DETR3D
+    adds no field of its own (no BEV, one point per camera and level)."""
     name: str = 'detr3d-cpu-tiny'
     detector: str = 'detr3d'
-    # input: content size (W, H), zero-padded to a multiple of `pad_to`
-    image_size: tuple = (200, 113)
-    pad_to: int = 32
-    normalisation: str = 'rgb'     # 'rgb': ImageNet mean/std on RGB; 'caffe': BGR, mean only (official)
     queue_length: int = 1          # DETR3D is single-frame (the loader serves no history)
-    num_cams: int = 6
-    num_classes: int = 10
-    # image backbone and neck (architecture.md 2.2, 3)
-    backbone_depth: int = 18
-    backbone_style: str = 'pytorch'
-    backbone_width: int = 64
-    backbone_dcn: bool = False     # DCNv2 in stages 3 and 4 (official R101-DCN)
     backbone_out: tuple = (1, 2, 3)
-    frozen_stages: int = 1
-    backbone_norm_eval: bool = True   # BatchNorm on running statistics (official, pretrained)
-    backbone_bn_frozen: bool = True   # BatchNorm affine not trained (official, pretrained)
-    with_cp: bool = False
     fpn_levels: int = 4            # L: the decoder samples every level
-    grid_mask: bool = True
-    grid_mask_prob: float = 0.7
-    # decoder
-    embed_dims: int = 256
-    ffn_dims: int = 512
-    num_heads: int = 8             # the self-attention's heads (Detr3DCrossAtten has none)
-    dropout: float = 0.1
-    pc_range: tuple = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
-    dec_layers: int = 6
-    num_query: int = 900
-    # loss and matching (architecture.md 2.11, identical for DETR3D)
-    cls_weight: float = 2.0
-    bbox_weight: float = 0.25
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    code_weights: tuple = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
-    # NMS-free decoding (architecture.md 2.12)
-    max_num: int = 300
-    post_center_range: tuple = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
 
-    padded_size = BEVFormerConfig.padded_size    # (W, H) after padding: the same rule as BEVFormer
-
-    def __post_init__(self):
-        for f in fields(self):                   # checkpoints may hand tuples back as lists
-            v = getattr(self, f.name)
-            if isinstance(v, list):
-                setattr(self, f.name, tuple(v))
-        checks = [
+    def checks(self):
+        return super().checks() + [
             (self.detector == 'detr3d', f"detector must be 'detr3d', got {self.detector!r}"),
-            (self.normalisation in ('rgb', 'caffe'),
-             f"normalisation must be 'rgb' or 'caffe', got {self.normalisation!r}"),
-            (self.backbone_style in ('pytorch', 'caffe'), "backbone_style must be 'pytorch' or 'caffe'"),
-            (self.embed_dims % self.num_heads == 0, 'embed_dims must be divisible by num_heads'),
-            (self.fpn_levels >= len(self.backbone_out), 'fpn_levels must be >= len(backbone_out)'),
-            (len(self.image_size) == 2 and len(self.pc_range) == 6, 'image_size is (W, H), pc_range has 6 values'),
             (self.queue_length == 1, f'queue_length must be 1 (DETR3D is single-frame), got {self.queue_length}'),
-            (1 <= self.num_cams <= 6, 'num_cams must be 1..6'),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise InputError(f'config {self.name}: {msg}')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -186,7 +186,8 @@ def test_forward_loss_decode_predict():
     # the first reference point is learned through the sampling and the positional encoding
     assert model.reference_points.weight.grad.abs().sum() > 0
     assert model.decoder.layers[0].cross_attn.position_encoder[0].weight.grad.abs().sum() > 0
-    assert model.neck.fpn_convs[0].weight.grad.abs().sum() > 0 and model.backbone.conv1.weight.grad is None
+    assert model.neck.fpn_convs[0].weight.grad.abs().sum() > 0
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0     # the CPU presets train the stem (from scratch)
     dets = model.decode(out)
     assert len(dets) == 2 and dets[0]['boxes'].shape[1] == 9
     res = model.predict(batch['img'][0], batch['lidar2img'][0], img_shape=tuple(batch['img_shape'][0].tolist()))
