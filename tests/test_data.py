@@ -449,7 +449,7 @@ def test_trainval_names(tmp_path):
 
 @pytest.mark.slow
 def test_default_world_ground_truth_scores_one(tmp_path_factory):
-    """The default world (data.DEFAULT_WORLD: 160 + 15 trainval scenes x 12 samples, 200x113): every scene
+    """The default world (data.DEFAULT_WORLD: 100 + 15 trainval scenes x 12 samples, 200x113): every scene
     holds all 10 classes and its ground truth through the prediction path scores mAP = NDS = 1 on val."""
     root = str(tmp_path_factory.mktemp('default_world'))
     data.write_synthetic_world(root, progress=False)
