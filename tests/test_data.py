@@ -184,7 +184,8 @@ def evaluate(ds, sub, out):
     path = os.path.join(out, 'results.json')
     with open(path, 'w') as f:
         json.dump(sub, f)
-    ev = DetectionEval(ds.nusc, config_factory('detection_cvpr_2019'), path, 'mini_val', out, verbose=False)
+    eval_set = ('mini_' + ds.split) if ds.version.endswith('mini') else ds.split      # the devkit's split name
+    ev = DetectionEval(ds.nusc, config_factory('detection_cvpr_2019'), path, eval_set, out, verbose=False)
     metrics, _ = ev.evaluate()
     return metrics
 
