@@ -586,17 +586,25 @@ class Distiller(nn.Module):
         return [torch.stack([s[lvl] for s in per_sample]) for lvl in range(len(level_hw))]
 
     # ---- the distillation terms -------------------------------------------------------------------
+    def level_pairs(self, out_e, out_a, batch_e, batch_a):
+        """-> (for each apprentice FPN level the expert level of the same stride in expert pixels,
+        (sx, sy) apprentice pixels per expert pixel)."""
+        pad_e, pad_a = tuple(batch_e['img'].shape[-2:]), tuple(batch_a['img'].shape[-2:])
+        se = torch.as_tensor(batch_e['img_shape']).reshape(-1, 2)[0].tolist()
+        sa = torch.as_tensor(batch_a['img_shape']).reshape(-1, 2)[0].tolist()
+        scale = (sa[1] / se[1], sa[0] / se[0])
+        pairs = pair_levels([pad_a[1] / f.shape[-1] / scale[0] for f in out_a['fpn']],
+                            [pad_e[1] / f.shape[-1] for f in out_e['fpn']])
+        return pairs, scale
+
     def pv_terms(self, out_e, out_a, batch_e, batch_a, boxes, generate, keep=None):
         """Per apprentice FPN level: masked generation (fd3d, mgd) or channel-wise distillation
         (heatmap), against the expert level of the same stride. `keep` (a dict) receives, per expert
         level j, (generated map, expert target) as [B*N, C, h, w] (DETR3D's focal term samples them)."""
         pad_e, pad_a = tuple(batch_e['img'].shape[-2:]), tuple(batch_a['img'].shape[-2:])
-        se = torch.as_tensor(batch_e['img_shape']).reshape(-1, 2)[0].tolist()
-        sa = torch.as_tensor(batch_a['img_shape']).reshape(-1, 2)[0].tolist()
-        scale = (sa[1] / se[1], sa[0] / se[0])  # (sx, sy): apprentice pixels per expert pixel
         hw_a = [tuple(f.shape[-2:]) for f in out_a['fpn']]
         hw_e = [tuple(f.shape[-2:]) for f in out_e['fpn']]
-        pairs = pair_levels([pad_a[1] / w / scale[0] for _, w in hw_a], [pad_e[1] / w for _, w in hw_e])
+        pairs, scale = self.level_pairs(out_e, out_a, batch_e, batch_a)
         if generate:
             area_a, area_e = self.pv_areas(boxes, batch_a, hw_a), self.pv_areas(boxes, batch_e, hw_e)
         terms = {}
@@ -690,7 +698,7 @@ def vis_focal(distiller, batch, path):
     out_e = d.expert.eval()(batch_e)
     sel, boxes = d.focal_queries(out_e, batch_e)
     if 'bev' not in out_e:  # DETR3D: no BEV, the picture is per camera
-        _draw_pv_focal(d, batch_e, out_e, out_a, sel, boxes, path)
+        _draw_pv_focal(d, batch_e, batch_a, out_e, out_a, sel, boxes, path)
         return int(sel[0].sum())
     pc = d.expert.cfg.pc_range
     hw = tuple(out_e['bev'].shape[-2:])
@@ -723,12 +731,13 @@ def vis_focal(distiller, batch, path):
     return int(sel[0].sum())
 
 
-def _draw_pv_focal(d, batch_e, out_e, out_a, sel, boxes, path):
+def _draw_pv_focal(d, batch_e, batch_a, out_e, out_a, sel, boxes, path):
     """DETR3D's picture (fd3d.md 6): one column per camera. Row 1: the expert's input image with the
     selected queries' focal rectangles (red), the GT boxes' rectangles (green, dashed) and the last
     decoder layer's projected reference points of the selected queries where visible (cyan, size ~
-    summed sigmoid weight). Rows 2-3: the expert's finest FPN level and the apprentice's level paired
-    with it (feature norm, over the padded image) with the PV focal area of that level (yellow)."""
+    summed sigmoid weight). Rows 2-3: the apprentice's finest FPN level and the expert level the loss
+    pairs with it (`Distiller.level_pairs`; feature norm over the padded image) with the PV focal area
+    of that expert level (yellow)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -741,10 +750,10 @@ def _draw_pv_focal(d, batch_e, out_e, out_a, sel, boxes, path):
     uv = last['uv'][0, sel[0]].cpu() * torch.tensor([Wp, Hp])                            # [K, N, 2] pixels
     vis = last['mask'][0, sel[0]].cpu()                                                  # [K, N]
     weight = last['attn'][0, sel[0]].sum(-1).cpu()                                       # [K, N]
-    f_e = out_e['fpn'][0][0].float().norm(dim=1).cpu()                                   # [N, h, w]
+    e_level = d.level_pairs(out_e, out_a, batch_e, batch_a)[0][0]   # the expert level paired with A's level 0
+    f_e = out_e['fpn'][e_level][0].float().norm(dim=1).cpu()                             # [N, h, w]
     area = d.pv_areas(boxes, batch_e, [tuple(f_e.shape[-2:])])[0][0].cpu()               # [N, h, w]
-    a_level = min(range(len(out_a['fpn'])), key=lambda i: abs(out_a['fpn'][i].shape[-1] - f_e.shape[-1]))
-    f_a = out_a['fpn'][a_level][0].float().norm(dim=1).cpu()
+    f_a = out_a['fpn'][0][0].float().norm(dim=1).cpu()
     extent = (0, Wp, Hp, 0)
     fig, axes = plt.subplots(3, N, figsize=(3.2 * N, 6.2), squeeze=False)
     for n in range(N):
