@@ -1257,6 +1257,11 @@ class BEVFormer(nn.Module):
         can = (torch.zeros(18, device=dev) if can_bus is None else torch.as_tensor(can_bus, device=dev).float())[None]
         if state is not None and scene_token is not None and state.get('scene_token') != scene_token:
             state = None                                                     # scene change: reset
+        if cfg.queue_length == 1:
+            # a single-frame model never saw a previous BEV in training (its temporal self-attention
+            # attended to the current queries only), so it gets none here either. The official code
+            # would still pass one at test time; we do not, to keep train and test the same.
+            state = None
         has_prev = torch.tensor([state is not None and state.get('bev') is not None], device=dev)
         prev_bev = state['bev'].to(dev) if bool(has_prev) else None
         prev_can = state['can_bus'].to(dev)[None] if bool(has_prev) else torch.zeros_like(can)
@@ -1268,7 +1273,7 @@ class BEVFormer(nn.Module):
             dets = self.decode(self._outputs(bev, fpn))[0]
         finally:
             self.train(was_training)
-        dets['state'] = {'bev': bev, 'can_bus': can[0], 'scene_token': scene_token}
+        dets['state'] = {'bev': bev if cfg.queue_length > 1 else None, 'can_bus': can[0], 'scene_token': scene_token}
         return dets
 
 

@@ -399,7 +399,8 @@ def visualise(ds, preds, out_dir, k, score_threshold=0.3):
 
 
 def speed(model, cfg, device, amp=False, warmup=3, runs=10):
-    """Latency of model.predict on one sample (batch 1) with the previous BEV in its state (BEVFormer), images
+    """Latency of model.predict on one sample (batch 1) with the previous BEV in its state (a BEVFormer
+    preset with queue_length > 1), images
     already at the preset's input size on the device: data loading, resizing and the host->device
     copy are excluded. The input is bevformer.example_batch (random pixels, a nuScenes-like rig), so
     no dataset is needed; the cost does not depend on the pixel values. Prints the protocol."""
@@ -432,8 +433,9 @@ def speed(model, cfg, device, amp=False, warmup=3, runs=10):
     # convolutions plus the deformable-attention op counted by hand)
     flops = bevformer.count_flops(model, data.to_device(batch, device))
     latency = float(np.median(times))
-    # BEVFormer carries the previous BEV from call to call; DETR3D is single-frame (its state is None)
-    history = 'previous BEV in the state' if state is not None else 'single frame (no temporal state)'
+    # BEVFormer carries the previous BEV from call to call; DETR3D and single-frame BEVFormer presets do not
+    history = ('previous BEV in the state' if state is not None and state.get('bev') is not None
+               else 'single frame (no temporal state)')
     where = f'{device} ({torch.get_num_threads()} threads)' if device.type == 'cpu' else \
         f'{device} ({torch.cuda.get_device_name(device)})'
     print(f"protocol: {cfg.name}, model.predict, batch 1, {img.shape[0]} cameras, input tensor "

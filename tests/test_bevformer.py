@@ -496,6 +496,25 @@ def test_predict_cache_matches_forward_and_resets_at_scene_change():
     assert model.predict(raw, l2i)['boxes'].shape[1] == 9
 
 
+def test_single_frame_model_predicts_without_a_previous_bev():
+    """queue_length=1: the model never saw a previous BEV in training, so predict ignores a state
+    (same output as a fresh call) and returns none; the history model above does use it."""
+    cfg = small_cfg(queue_length=1)
+    torch.manual_seed(0)
+    model = bf.BEVFormer(cfg).eval()
+    batch = bf.example_batch(cfg, batch_size=1, history=False, seed=4)
+    shape = tuple(batch['img_shape'][0].tolist())
+    args = (batch['img'][0], batch['lidar2img'][0], batch['can_bus'][0])
+    first = model.predict(*args, img_shape=shape, scene_token='a')
+    assert first['state']['bev'] is None
+    planted = dict(first['state'], bev=torch.randn(1, cfg.bev_h * cfg.bev_w, cfg.embed_dims))
+    again = model.predict(*args, state=planted, img_shape=shape, scene_token='a')
+    assert torch.equal(again['scores'], first['scores'])
+    with torch.no_grad():
+        ref = model.decode(model(batch))[0]
+    assert torch.allclose(first['scores'], ref['scores'], atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Slow
 # ---------------------------------------------------------------------------------------------
