@@ -458,6 +458,8 @@ def get_args(argv=None):
     g = p.add_argument_group('what to evaluate')
     g.add_argument('--ckpt', help='checkpoint written by train.py or `bevformer.py convert` (the model is rebuilt from its config)')
     g.add_argument('--model', help='preset name (random weights unless --ckpt); for --speed without a checkpoint')
+    g.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                   help="with --model: override a preset field, as in train.py (e.g. --set queue_length=2)")
     g.add_argument('--oracle', action='store_true', help='score the ground truth sent through the prediction path (checks conventions: NDS ~1)')
     g = p.add_argument_group('data')
     g.add_argument('--dataroot', default='data/synthetic', help='nuScenes-format root')
@@ -497,7 +499,8 @@ def run(args):
     if args.ckpt:
         model, cfg, _ = model_from_checkpoint(args.ckpt)
     elif args.model:
-        cfg = preset_config(args.model)
+        from train import apply_overrides          # --set KEY=VALUE, parsed as train.py does
+        cfg = apply_overrides(preset_config(args.model), args.set)
         model = build_model(cfg)
     elif not args.oracle:
         raise InputError('give --ckpt CKPT (or --model NAME with --speed, or --oracle)')

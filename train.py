@@ -91,13 +91,13 @@ def make_parser():
                    'auto: the one whose tables are in --dataroot (trainval first)')
     g.add_argument('--workers', type=int, default=2, help='data-loading processes per training process')
     g = p.add_argument_group('schedule and optimiser')
-    g.add_argument('--iters', type=int, default=2000,
-                   help='training iterations (ignored when --epochs is given); 2000 x batch 1 = the default CPU run')
+    g.add_argument('--iters', type=int, default=3600,
+                   help='training iterations (ignored when --epochs is given); 3600 x batch 1 = the default CPU run')
     g.add_argument('--epochs', type=int, help='train for this many passes over the train split instead of --iters')
     g.add_argument('--batch-size', type=int, default=1, help='samples per iteration PER PROCESS (x GPUs under torchrun)')
     g.add_argument('--lr', type=float, default=1e-3,
                    help='peak AdamW learning rate, the backbone gets 0.1x (official: 2e-4 for 8 GPUs x 1 sample)')
-    g.add_argument('--warmup', type=int, default=100, help='linear warm-up iterations, from lr/3 (official: 500)')
+    g.add_argument('--warmup', type=int, default=400, help='linear warm-up iterations, from lr/3 (official: 500)')
     g.add_argument('--min-lr-ratio', type=float, default=1e-3, help='cosine floor as a fraction of --lr')
     g.add_argument('--backbone-lr-mult', type=float, default=None,
                    help='lr multiplier of the backbone; default 0.1 with --backbone-weights (official, for a '

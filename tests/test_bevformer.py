@@ -19,9 +19,10 @@ KEYS = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'specs', 'k
 
 
 def small_cfg(**kw):
-    """cpu-tiny shrunk so that a forward takes well under a second."""
+    """cpu-tiny shrunk so that a forward takes well under a second, with one history frame (the
+    temporal path; the preset itself is single-frame)."""
     base = dict(bev_h=20, bev_w=20, num_query=40, enc_layers=1, dec_layers=2, embed_dims=32, ffn_dims=64,
-                backbone_width=16, dropout=0.0)
+                backbone_width=16, dropout=0.0, queue_length=2)
     base.update(kw)
     return bf.get_config('cpu-tiny', **base)
 

@@ -480,13 +480,15 @@ if __name__ == '__main__' and '--stand-in' in sys.argv:
     train.main()
 
 
-@pytest.mark.parametrize('preset,history', [('cpu-tiny', 'previous BEV in the state'),
-                                            ('detr3d-cpu-tiny', 'single frame (no temporal state)')])
-def test_speed_prints_the_protocol_and_the_figures(preset, history, capsys):
+@pytest.mark.parametrize('preset,extra,history', [
+    ('cpu-tiny', [], 'single frame (no temporal state)'),          # the preset is single-frame
+    ('cpu-tiny', ['--set', 'queue_length=2'], 'previous BEV in the state'),
+    ('detr3d-cpu-tiny', [], 'single frame (no temporal state)')])
+def test_speed_prints_the_protocol_and_the_figures(preset, extra, history, capsys):
     """evaluate.py --speed: the protocol line names the preset, batch, input size, precision and the
     temporal state the detector really has; the figures line has latency, FPS, parameters and GFLOPs."""
     import evaluate
-    res = evaluate.main(['--model', preset, '--speed', '--device', 'cpu'])
+    res = evaluate.main(['--model', preset, '--speed', '--device', 'cpu'] + extra)
     lines = capsys.readouterr().out.strip().splitlines()
     protocol, figures = lines[-2], lines[-1]
     assert protocol.startswith(f'protocol: {preset}, model.predict, batch 1, 6 cameras, input tensor 224x128 '
