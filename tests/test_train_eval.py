@@ -471,6 +471,23 @@ def test_torchrun_two_cpu_processes_cpu_tiny(world, tmp_path):
     assert torch.load(os.path.join(out, 'last.pt'), weights_only=True)['iter'] == 3
 
 
+@pytest.mark.slow
+def test_default_run_learns(tmp_path):
+    """Issue 5's bar, end to end: `python train.py` with its defaults (cpu-tiny on the default world,
+    evaluated on its val split) ends with val NDS >= 0.20 and mAP >= 0.12. ~18 min on 2 cores."""
+    root, out = str(tmp_path / 'world'), str(tmp_path / 'run')
+    data.write_synthetic_world(root, progress=False)           # data.DEFAULT_WORLD, as train.py writes it
+    r = subprocess.run([sys.executable, 'train.py', '--dataroot', root, '--out', out], cwd=ROOT,
+                       capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1].split()           # 'NDS 0.xxxx mAP 0.xxxx'
+    assert last[0] == 'NDS' and last[2] == 'mAP', last
+    nds, m_ap = float(last[1]), float(last[3])
+    assert nds >= 0.20 and m_ap >= 0.12, (nds, m_ap)
+    with open(os.path.join(out, 'metrics_summary.json')) as f:     # the devkit's own file agrees
+        assert abs(json.load(f)['nd_score'] - nds) < 1e-4
+
+
 if __name__ == '__main__' and '--stand-in' in sys.argv:
     # torchrun entry of test_torchrun_two_cpu_processes: train.py's main with the stand-in detector
     sys.argv.remove('--stand-in')
