@@ -1369,15 +1369,14 @@ PRESETS = {
     # the paper's relation: bigger backbone, twice the input and BEV resolution, more encoder
     # layers, same width; its FPN levels (strides 16, 32 at full size) match the apprentice's
     # (strides 8, 16 at half size). GridMask and dropout off: a 20-minute CPU run underfits, and
-    # dropout alone cost ~10 % of a step in the profile. One history
-    # frame (queue 2) keeps a training step within 1 s (apprentice) and 3 s (expert) on 2 cores;
-    # it is drawn as BEVFormer does (history_draw='random': 0.5 s or 1 s before), which measured
-    # better than always the frame just before (README, "No GPU").
+    # dropout alone cost ~10 % of a step in the profile. The expert's one history frame (queue 2)
+    # keeps its training step within 3 s on 2 cores; it is drawn as BEVFormer does
+    # (history_draw='random': 0.5 s or 1 s before), which measured better than always the frame just
+    # before (README, "No GPU"). cpu-tiny is single-frame (queue_length 1) with one encoder layer: a
+    # history frame cost a quarter of its CPU step and an encoder layer a third, and the iterations
+    # they buy learn more in the 20-minute default run (README, "No GPU").
     # They train from scratch: nothing frozen and BatchNorm trained on batch statistics (the
     # official frozen stem/layer1 and frozen BN only make sense for a pretrained ResNet).
-    # cpu-tiny is single-frame (queue_length 1) with one encoder layer: a history frame costs a quarter
-    # of a CPU step and an encoder layer a third, and the iterations they buy learn more in the
-    # 20-minute default run (README, "No GPU")
     'cpu-tiny': BEVFormerConfig(name='cpu-tiny', image_size=(200, 113), normalisation='rgb', queue_length=1,
                                 backbone_depth=18, backbone_style='pytorch', backbone_width=32,
                                 backbone_out=(1, 2), fpn_levels=2, embed_dims=128, ffn_dims=256,

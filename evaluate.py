@@ -496,6 +496,8 @@ def pick_device(name):
 
 def run(args):
     device = pick_device(args.device)
+    if args.set and not (args.model and not args.ckpt):
+        raise InputError('--set applies to --model only (a checkpoint rebuilds the config it stored)')
     if args.ckpt:
         model, cfg, _ = model_from_checkpoint(args.ckpt)
     elif args.model:

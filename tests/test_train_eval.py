@@ -405,6 +405,17 @@ def test_bad_flags_in_process(world, tmp_path, capsys):
         assert code == 2 and len(err) == 1 and err[0].startswith('error: ') and culprit in err[0], (argv, err)
 
 
+def test_evaluate_set_flag_errors(tmp_path, capsys):
+    """evaluate.py --set: only with --model (a checkpoint keeps its config), and fields are checked."""
+    import evaluate
+    for argv, culprit in [(['--ckpt', str(tmp_path / 'x.pt'), '--set', 'bev_h=3'], '--model only'),
+                          (['--model', 'cpu-tiny', '--speed', '--set', 'bev_hh=3'], 'bev_hh')]:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+        err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith('error: ') and culprit in err[0], (argv, err)
+
+
 # ------------------------------------------------------------------------------------------------
 # Distributed: torchrun with 2 CPU processes (gloo), whole val scenes per rank, rank 0 gathers
 
