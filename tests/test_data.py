@@ -12,6 +12,7 @@ import torch
 from pyquaternion import Quaternion
 
 import data
+from evaluate import eval_set_name
 from fixtures import ROOT, small_world
 from nuscenes.eval.common.utils import quaternion_yaw
 from nuscenes.eval.detection.utils import category_to_detection_name
@@ -184,8 +185,8 @@ def evaluate(ds, sub, out):
     path = os.path.join(out, 'results.json')
     with open(path, 'w') as f:
         json.dump(sub, f)
-    eval_set = ('mini_' + ds.split) if ds.version.endswith('mini') else ds.split      # the devkit's split name
-    ev = DetectionEval(ds.nusc, config_factory('detection_cvpr_2019'), path, eval_set, out, verbose=False)
+    ev = DetectionEval(ds.nusc, config_factory('detection_cvpr_2019'), path, eval_set_name(ds.version, ds.split),
+                       out, verbose=False)
     metrics, _ = ev.evaluate()
     return metrics
 
