@@ -32,7 +32,6 @@ import resource
 import signal
 import sys
 import time
-import typing
 
 import numpy as np
 import torch
@@ -129,66 +128,6 @@ def get_args(argv=None):
     for action in bare._actions:       # a parser without defaults tells which flags were typed
         action.default = argparse.SUPPRESS
     return args, set(vars(bare.parse_args(argv)))
-
-
-# ------------------------------------------------------------------------------------------------
-# Config overrides: --set key=value, converted to the dataclass field's type
-
-
-def parse_value(text, typ, key):
-    """`text` as a value of type `typ` (int, float, bool, str, tuples/lists of those, Optional)."""
-    origin, inner = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Union:                          # Optional[X]
-        if text.lower() == 'none':
-            return None
-        return parse_value(text, next(t for t in inner if t is not type(None)), key)
-    if origin in (tuple, list) or typ in (tuple, list):
-        items = [s for s in text.strip('()[] ').split(',') if s.strip()]
-        if not inner:                                   # a bare `tuple`: numbers where they parse
-            values = [_number_or_text(s.strip()) for s in items]
-        else:
-            types = inner if origin is tuple and inner[-1] is not Ellipsis else [inner[0]] * len(items)
-            if len(types) != len(items):
-                raise InputError(f"--set {key}={text}: expected {len(types)} comma-separated values")
-            values = [parse_value(s.strip(), t, key) for s, t in zip(items, types)]
-        return tuple(values) if (origin or typ) is tuple else values
-    if typ is bool:
-        if text.lower() in ('1', 'true', 'yes', 'on'):
-            return True
-        if text.lower() in ('0', 'false', 'no', 'off'):
-            return False
-        raise InputError(f"--set {key}={text}: expected true or false")
-    if typ in (int, float, str):
-        try:
-            return typ(text)
-        except ValueError:
-            raise InputError(f"--set {key}={text}: expected {typ.__name__}") from None
-    raise InputError(f"--set {key}: fields of type {typ} cannot be set from the command line")
-
-
-def _number_or_text(text):
-    for typ in (int, float):
-        try:
-            return typ(text)
-        except ValueError:
-            pass
-    return text
-
-
-def apply_overrides(cfg, pairs):
-    """A copy of the config dataclass with each KEY=VALUE applied (unknown key -> one-line error)."""
-    hints = typing.get_type_hints(type(cfg))
-    changes = {}
-    for pair in pairs:
-        key, sep, value = pair.partition('=')
-        key = key.strip()
-        if not sep:
-            raise InputError(f"--set {pair}: expected KEY=VALUE")
-        if key not in hints or key not in {f.name for f in dataclasses.fields(cfg)}:
-            raise InputError(f"--set {key}: unknown config field of preset '{cfg.name}' "
-                             f"(fields: {', '.join(f.name for f in dataclasses.fields(cfg))})")
-        changes[key] = parse_value(value.strip(), hints[key], key)
-    return dataclasses.replace(cfg, **changes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,7 +339,7 @@ def train(args, explicit=()):
     if ckpt is not None:
         cfg = evaluate.config_from_dict(ckpt['config'], what=f"--resume '{args.resume}'")
     else:
-        cfg = apply_overrides(evaluate.preset_config(args.model or 'cpu-tiny', '--model'), args.set)
+        cfg = evaluate.apply_overrides(evaluate.preset_config(args.model or 'cpu-tiny', '--model'), args.set)
     args.model = cfg.name
     if not args.out:
         args.out = os.path.join('runs', f'{cfg.name}-{args.distill}' if args.teacher else cfg.name)

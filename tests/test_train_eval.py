@@ -186,13 +186,13 @@ def test_get_lr_warmup_from_a_third_then_cosine_to_the_floor():
 
 
 def test_set_overrides_convert_to_field_types_and_reject_unknown_keys():
-    cfg = train.apply_overrides(StandInConfig(), ['width=16', 'drop=0.5', 'image_size=32,18', 'name=x'])
+    cfg = evaluate.apply_overrides(StandInConfig(), ['width=16', 'drop=0.5', 'image_size=32,18', 'name=x'])
     assert (cfg.width, cfg.drop, cfg.image_size, cfg.name) == (16, 0.5, (32, 18), 'x')
     assert isinstance(cfg.width, int) and isinstance(cfg.image_size[0], int)
     with pytest.raises(data.InputError, match='unknown config field'):
-        train.apply_overrides(StandInConfig(), ['bev_hh=3'])
+        evaluate.apply_overrides(StandInConfig(), ['bev_hh=3'])
     with pytest.raises(data.InputError, match='expected int'):
-        train.apply_overrides(StandInConfig(), ['width=wide'])
+        evaluate.apply_overrides(StandInConfig(), ['width=wide'])
 
 
 # ------------------------------------------------------------------------------------------------
