@@ -933,11 +933,12 @@ def read_table(csv_path):
         return list(csv.DictReader(f))
 
 
-def train_command(dataroot, version, out, iters, extra):
+def train_command(dataroot, version, out, iters, extra, threads=0):
     """The train.py command of one table run (one fixed schedule for every apprentice run)."""
     import sys
     return [sys.executable, 'train.py', '--dataroot', dataroot, '--version', version,
-            '--iters', str(iters), '--out', out, '--workers', '2', '--log-every', '50'] + extra
+            '--iters', str(iters), '--out', out, '--workers', '2', '--log-every', '50'] + (
+            ['--threads', str(threads)] if threads else []) + extra
 
 
 def run_subprocess(cmd, log_path):
@@ -951,7 +952,7 @@ def run_subprocess(cmd, log_path):
 
 
 def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_iters=4000, runs=TABLE_RUNS,
-              runner=run_subprocess, only=None, version=TABLE_WORLD['version'], detr3d_runs=()):
+              runner=run_subprocess, only=None, version=TABLE_WORLD['version'], detr3d_runs=(), threads=0):
     """The paper's table in miniature (expert cpu-base, apprentice cpu-tiny), resumable: a run whose row is
     in OUT/table.csv is skipped; an interrupted run continues from its last.pt (`train.py --resume`);
     every finished run appends its row at once, so the command can run in parts. -> the CSV rows."""
@@ -973,17 +974,19 @@ def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_
         expert = os.path.join(out, e_folder, 'last.pt')
         jobs.append((f'expert {e_name}', None, ['--model', e_name, '--seed', '0'], 0, expert_iters, e_folder,
                      not only or any(r[0] in only for r in family)))  # an expert runs before its wanted rows
-        for name, mode, flags, seeds in family:
-            for seed in range(seeds):
-                folder = f"{name.replace(' ', '_').replace('/', '')}-s{seed}"
-                jobs.append((name, mode, ['--teacher', expert, '--student', a_name, '--distill', mode,
-                                          '--seed', str(seed)] + flags, seed, iters, folder, not only or name in only))
+        # seed-major (a stable sort keeps the rows' order within a seed): every row's seed 0 comes
+        # before any seed 1, so a table run in parts has every row early
+        rows = sorted(((seed, row) for row in family for seed in range(row[3])), key=lambda j: j[0])
+        for seed, (name, mode, flags, _) in rows:
+            folder = f"{name.replace(' ', '_').replace('/', '')}-s{seed}"
+            jobs.append((name, mode, ['--teacher', expert, '--student', a_name, '--distill', mode,
+                                      '--seed', str(seed)] + flags, seed, iters, folder, not only or name in only))
     for name, mode, flags, seed, n_iters, folder, wanted in jobs:
         if (name, str(seed)) in done or not wanted:
             continue
         run_dir = os.path.join(out, folder)
         ckpt = os.path.join(run_dir, 'last.pt')
-        cmd = train_command(dataroot, version, run_dir, n_iters, flags)
+        cmd = train_command(dataroot, version, run_dir, n_iters, flags, threads)
         if os.path.exists(ckpt):  # interrupted earlier: continue exactly where it stopped
             cmd = cmd + ['--resume', ckpt]
         print(f'[table] {name} seed {seed}: {" ".join(cmd[1:])}', flush=True)
@@ -1042,13 +1045,16 @@ def main(argv=None):
     t.add_argument('--iters', type=int, default=2000, help='iterations of every apprentice run (one schedule)')
     t.add_argument('--expert-iters', type=int, default=4000, help='iterations of the cpu-base expert')
     t.add_argument('--only', help='comma-separated row names to run now (the expert always comes first)')
+    t.add_argument('--threads', type=int, default=0, help="torch CPU threads of each train.py run (0: train.py's "
+                   'default); 1 each for two table commands side by side, e.g. one with --only for the DETR3D rows')
     args = p.parse_args(argv)
     try:
         if args.cmd == 'bench':
             bench(args.pair, args.device, args.iters)
         else:
             run_table(args.out, args.dataroot, args.iters, args.expert_iters,
-                      only=set(args.only.split(',')) if args.only else None, detr3d_runs=DETR3D_RUNS)
+                      only=set(args.only.split(',')) if args.only else None, detr3d_runs=DETR3D_RUNS,
+                      threads=args.threads)
     except (InputError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -408,7 +408,7 @@ def test_miniature_table_has_the_detr3d_rows(tmp_path):
     rows = distill.run_table(str(tmp_path / 'out'), str(world), iters=5, expert_iters=7, runs=[('none', 'none', [], 1)],
                              runner=runner, detr3d_runs=distill.DETR3D_RUNS)
     outs = [os.path.basename(c[c.index('--out') + 1]) for c in calls]
-    assert outs == ['expert', 'none-s0', 'detr3d-expert', 'detr3d_none-s0', 'detr3d_none-s1', 'detr3d_fd3d-s0',
+    assert outs == ['expert', 'none-s0', 'detr3d-expert', 'detr3d_none-s0', 'detr3d_fd3d-s0', 'detr3d_none-s1',
                     'detr3d_fd3d-s1']
     arg = lambda c, flag: c[c.index(flag) + 1]  # noqa: E731
     assert arg(calls[2], '--model') == 'detr3d-cpu-base' and arg(calls[2], '--iters') == '7'
@@ -416,12 +416,14 @@ def test_miniature_table_has_the_detr3d_rows(tmp_path):
         assert arg(c, '--student') == 'detr3d-cpu-tiny'
         assert arg(c, '--teacher').endswith(os.path.join('detr3d-expert', 'last.pt'))
     assert arg(calls[1], '--teacher').endswith(os.path.join('out', 'expert', 'last.pt'))
-    assert [r['run'] for r in rows][2:] == ['expert detr3d-cpu-base'] + ['detr3d none'] * 2 + ['detr3d fd3d'] * 2
+    assert [r['run'] for r in rows][2:] == ['expert detr3d-cpu-base'] + ['detr3d none', 'detr3d fd3d'] * 2
+    assert not any('--threads' in c for c in calls)  # by default train.py picks its threads
     calls.clear()
     distill.run_table(str(tmp_path / 'out2'), str(world), iters=5, expert_iters=7, runs=[('none', 'none', [], 1)],
-                      runner=runner, detr3d_runs=distill.DETR3D_RUNS, only={'detr3d fd3d'})
+                      runner=runner, detr3d_runs=distill.DETR3D_RUNS, only={'detr3d fd3d'}, threads=1)
     assert [os.path.basename(c[c.index('--out') + 1]) for c in calls] == ['detr3d-expert', 'detr3d_fd3d-s0',
                                                                           'detr3d_fd3d-s1']
+    assert all(arg(c, '--threads') == '1' for c in calls)  # the table's --threads reaches every train.py run
 
 
 # ---------------------------------------------------------------------------------------------

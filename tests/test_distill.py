@@ -506,18 +506,20 @@ def test_table_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
         distill.run_table(str(tmp_path / 'out'), str(tmp_path / 'world'), iters=5, expert_iters=7, runs=runs,
                           runner=lambda c, p: runner(c, p, fail={'fd3d_wo_focal-s0'}))
     first = [os.path.basename(c[c.index('--out') + 1]) for c in calls]
-    assert first == ['expert', 'none-s0', 'none-s1', 'fd3d_wo_focal-s0']
+    assert first == ['expert', 'none-s0', 'fd3d_wo_focal-s0']  # seed-major: every row's seed 0 first
     assert calls[0][calls[0].index('--iters') + 1] == '7' and calls[1][calls[1].index('--iters') + 1] == '5'
-    assert '--teacher' in calls[1] and calls[3][-2:] == ['--fd3d-parts', 'pv,bev'] and '--resume' not in calls[3]
+    assert '--teacher' in calls[1] and calls[2][-2:] == ['--fd3d-parts', 'pv,bev'] and '--resume' not in calls[2]
     assert [(r['run'], r['seed']) for r in distill.read_table(str(tmp_path / 'out' / 'table.csv'))] == [
-        ('expert cpu-base', '0'), ('none', '0'), ('none', '1')]
+        ('expert cpu-base', '0'), ('none', '0')]
     # the failed run left a last.pt (as an interrupted run does): the second call resumes it only
     open(tmp_path / 'out' / 'fd3d_wo_focal-s0' / 'last.pt', 'w').close()
     calls.clear()
     rows = distill.run_table(str(tmp_path / 'out'), str(tmp_path / 'world'), iters=5, expert_iters=7, runs=runs,
                              runner=runner)
-    assert len(calls) == 1 and calls[0][-2:] == ['--resume', str(tmp_path / 'out' / 'fd3d_wo_focal-s0' / 'last.pt')]
-    assert [r['run'] for r in rows] == ['expert cpu-base', 'none', 'none', 'fd3d w/o focal']
+    assert len(calls) == 2 and calls[0][-2:] == ['--resume', str(tmp_path / 'out' / 'fd3d_wo_focal-s0' / 'last.pt')]
+    assert os.path.basename(calls[1][calls[1].index('--out') + 1]) == 'none-s1' and '--resume' not in calls[1]
+    assert [(r['run'], r['seed']) for r in rows] == [('expert cpu-base', '0'), ('none', '0'), ('fd3d w/o focal', '0'),
+                                                     ('none', '1')]
     calls.clear()
     distill.run_table(str(tmp_path / 'out'), str(tmp_path / 'world'), iters=5, expert_iters=7, runs=runs,
                       runner=runner)
