@@ -905,12 +905,12 @@ def bench(pair='cpu', device='cpu', iters=3, warmup=1):
     return med
 
 
-TABLE_RUNS = [  # (row name, --distill mode, extra train.py flags, seeds)
+TABLE_RUNS = [  # (row name, --distill mode, extra train.py flags, seeds); the paper's comparison first
     ('none', 'none', [], 3),
-    ('fitnet', 'fitnet', [], 1),
-    ('heatmap', 'heatmap', [], 1),
-    ('mgd', 'mgd', [], 1),
     ('fd3d', 'fd3d', [], 3),
+    ('heatmap', 'heatmap', [], 1),
+    ('fitnet', 'fitnet', [], 1),
+    ('mgd', 'mgd', [], 1),
     ('fd3d w/o focal', 'fd3d', ['--fd3d-parts', 'pv,bev'], 1),
     ('fd3d w/o generation', 'fd3d', ['--fd3d-parts', 'focal', '--fd3d-mask-ratio', '0'], 1),
     ('fd3d areas from GT', 'fd3d', ['--fd3d-areas', 'gt'], 1),
