@@ -952,13 +952,14 @@ def run_subprocess(cmd, log_path):
 
 
 def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_iters=4000, runs=TABLE_RUNS,
-              runner=run_subprocess, only=None, version=TABLE_WORLD['version'], detr3d_runs=(), threads=0):
+              runner=run_subprocess, only=None, version=TABLE_WORLD['version'], detr3d_runs=(), threads=0,
+              parallel=1):
     """The paper's table in miniature (expert cpu-base, apprentice cpu-tiny), resumable: a run whose row is
     in OUT/table.csv is skipped; an interrupted run continues from its last.pt (`train.py --resume`);
-    every finished run appends its row at once, so the command can run in parts. -> the CSV rows."""
-    import csv
+    every finished run appends its row at once, so the command can run in parts. `parallel` train.py runs
+    go at a time (an apprentice only once its expert's row is written). -> the CSV rows."""
+    import concurrent.futures
     import os
-    import time
     os.makedirs(out, exist_ok=True)
     if not os.path.isdir(dataroot):
         import data
@@ -969,45 +970,83 @@ def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_
     families = [('cpu-base', 'cpu-tiny', 'expert', runs)]
     if detr3d_runs:  # a second family (detr3d.py) with its own expert, trained first
         families.append(('detr3d-cpu-base', 'detr3d-cpu-tiny', 'detr3d-expert', detr3d_runs))
-    jobs = []  # (row name, mode, flags, seed, iterations, folder, wanted now)
+    jobs = []  # (row name, mode, flags, seed, iterations, folder, the row it needs first), in start order
     for e_name, a_name, e_folder, family in families:
-        expert = os.path.join(out, e_folder, 'last.pt')
-        jobs.append((f'expert {e_name}', None, ['--model', e_name, '--seed', '0'], 0, expert_iters, e_folder,
-                     not only or any(r[0] in only for r in family)))  # an expert runs before its wanted rows
+        if only and not any(r[0] in only for r in family):
+            continue
+        expert, expert_row = os.path.join(out, e_folder, 'last.pt'), (f'expert {e_name}', '0')
+        jobs.append((expert_row[0], None, ['--model', e_name, '--seed', '0'], 0, expert_iters, e_folder, None))
         # seed-major (a stable sort keeps the rows' order within a seed): every row's seed 0 comes
         # before any seed 1, so a table run in parts has every row early
         rows = sorted(((seed, row) for row in family for seed in range(row[3])), key=lambda j: j[0])
         for seed, (name, mode, flags, _) in rows:
-            folder = f"{name.replace(' ', '_').replace('/', '')}-s{seed}"
-            jobs.append((name, mode, ['--teacher', expert, '--student', a_name, '--distill', mode,
-                                      '--seed', str(seed)] + flags, seed, iters, folder, not only or name in only))
-    for name, mode, flags, seed, n_iters, folder, wanted in jobs:
-        if (name, str(seed)) in done or not wanted:
-            continue
+            if not only or name in only:
+                folder = f"{name.replace(' ', '_').replace('/', '')}-s{seed}"
+                jobs.append((name, mode, ['--teacher', expert, '--student', a_name, '--distill', mode,
+                                          '--seed', str(seed)] + flags, seed, iters, folder, expert_row))
+    todo = [j for j in jobs if (j[0], str(j[3])) not in done]
+
+    def start(job, pool):
+        name, mode, flags, seed, n_iters, folder, _ = job
         run_dir = os.path.join(out, folder)
         ckpt = os.path.join(run_dir, 'last.pt')
         cmd = train_command(dataroot, version, run_dir, n_iters, flags, threads)
         if os.path.exists(ckpt):  # interrupted earlier: continue exactly where it stopped
             cmd = cmd + ['--resume', ckpt]
         print(f'[table] {name} seed {seed}: {" ".join(cmd[1:])}', flush=True)
-        start = time.time()
         os.makedirs(run_dir, exist_ok=True)
-        code, last = runner(cmd, os.path.join(run_dir, 'table_log.txt'))
-        parts = last.split()
-        if code != 0 or len(parts) != 4 or parts[0] != 'NDS':
-            raise RuntimeError(f'table run {name} seed {seed} failed (exit {code}); see {run_dir}/table_log.txt')
-        row = dict(run=name, seed=seed, mode=mode or 'expert', flags=' '.join(flags), iters=n_iters,
-                   NDS=float(parts[1]), mAP=float(parts[3]), minutes=round((time.time() - start) / 60, 1))
-        new = not os.path.exists(csv_path)
-        with open(csv_path, 'a', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-        print(f'[table] {name} seed {seed}: NDS {row["NDS"]:.4f} mAP {row["mAP"]:.4f}', flush=True)
+        return pool.submit(timed, runner, cmd, os.path.join(run_dir, 'table_log.txt'))
+
+    running, failure = {}, None
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        while True:
+            while failure is None and len(running) < max(1, parallel):  # start what may start, in order
+                job = next((j for j in todo if j[6] is None or j[6] in done), None)
+                if job is None:
+                    break
+                todo.remove(job)
+                running[start(job, pool)] = job
+            if not running:  # finished, or nothing may start after a failure
+                break
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                name, mode, flags, seed, n_iters, folder, _ = running.pop(future)
+                code, last, minutes = future.result()
+                parts = last.split()
+                if code != 0 or len(parts) != 4 or parts[0] != 'NDS':
+                    failure = failure or (f'table run {name} seed {seed} failed (exit {code}); '
+                                          f'see {os.path.join(out, folder)}/table_log.txt')
+                    continue  # the runs still going finish and keep their rows
+                row = dict(run=name, seed=seed, mode=mode or 'expert', flags=' '.join(flags), iters=n_iters,
+                           NDS=float(parts[1]), mAP=float(parts[3]), minutes=minutes)
+                append_row(csv_path, row)
+                done.add((name, str(seed)))
+                print(f'[table] {name} seed {seed}: NDS {row["NDS"]:.4f} mAP {row["mAP"]:.4f}', flush=True)
+    if failure:
+        raise RuntimeError(failure)
     rows = read_table(csv_path)
     print(summarise_table(rows))
     return rows
+
+
+def timed(runner, cmd, log_path):
+    """runner(cmd, log_path) -> (return code, last stdout line, wall minutes)."""
+    import time
+    t0 = time.time()
+    code, last = runner(cmd, log_path)
+    return code, last, round((time.time() - t0) / 60, 1)
+
+
+def append_row(csv_path, row):
+    """Append one finished run to the table CSV (the header first when the file is new)."""
+    import csv
+    import os
+    new = not os.path.exists(csv_path)
+    with open(csv_path, 'a', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def summarise_table(rows):
@@ -1045,16 +1084,20 @@ def main(argv=None):
     t.add_argument('--iters', type=int, default=2000, help='iterations of every apprentice run (one schedule)')
     t.add_argument('--expert-iters', type=int, default=4000, help='iterations of the cpu-base expert')
     t.add_argument('--only', help='comma-separated row names to run now (the expert always comes first)')
+    t.add_argument('--jobs', type=int, default=1, help='train.py runs at a time (an apprentice starts once its '
+                   'expert is trained); on a 2-core CPU --jobs 2 --threads 1')
     t.add_argument('--threads', type=int, default=0, help="torch CPU threads of each train.py run (0: train.py's "
-                   'default); 1 each for two table commands side by side, e.g. one with --only for the DETR3D rows')
+                   'default)')
     args = p.parse_args(argv)
     try:
         if args.cmd == 'bench':
             bench(args.pair, args.device, args.iters)
         else:
+            if args.jobs < 1 or args.threads < 0:
+                raise InputError(f'--jobs {args.jobs} --threads {args.threads}: expected --jobs >= 1 and --threads >= 0')
             run_table(args.out, args.dataroot, args.iters, args.expert_iters,
                       only=set(args.only.split(',')) if args.only else None, detr3d_runs=DETR3D_RUNS,
-                      threads=args.threads)
+                      threads=args.threads, parallel=args.jobs)
     except (InputError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -528,6 +528,57 @@ def test_table_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
     assert '| none | 2 |' in table and '+-' in table.splitlines()[3]
 
 
+def test_table_runs_jobs_in_parallel_after_their_expert(tmp_path, capsys):
+    """`distill.py table --jobs 2`: two runs at a time, an apprentice never before its expert's row is
+    written, the two families' experts side by side; a failed run stops new starts, the run still going
+    keeps its row; bad --jobs is one line."""
+    import os
+    import threading
+    import time
+    lock, state = threading.Lock(), dict(now=0, most=0, log=[])
+
+    def runner(cmd, log_path, fail=()):
+        folder = os.path.basename(cmd[cmd.index('--out') + 1])
+        with lock:
+            state['now'] += 1
+            state['most'] = max(state['most'], state['now'])
+            state['log'].append(('start', folder))
+        time.sleep(0 if folder in fail else 0.3 if 'expert' in folder or folder == 'fd3d-s0' else 0.02)
+        with lock:
+            state['now'] -= 1
+            state['log'].append(('end', folder))
+        open(os.path.join(os.path.dirname(log_path), 'last.pt'), 'w').close()
+        return (1, 'Traceback') if folder in fail else (0, 'NDS 0.1000 mAP 0.0500')
+
+    world = tmp_path / 'world'
+    world.mkdir()
+    runs = [('none', 'none', [], 2), ('fd3d', 'fd3d', [], 1)]
+    rows = distill.run_table(str(tmp_path / 'out'), str(world), iters=5, expert_iters=7, runs=runs,
+                             runner=runner, detr3d_runs=[('detr3d fd3d', 'fd3d', [], 1)], parallel=2)
+    assert state['most'] == 2 and state['now'] == 0
+    log = state['log']
+    assert set(log[:2]) == {('start', 'expert'), ('start', 'detr3d-expert')}  # the experts side by side
+    for family, expert in (('none-', 'expert'), ('fd3d-', 'expert'), ('detr3d_', 'detr3d-expert')):
+        ends = log.index(('end', expert))
+        assert all(log.index(e) > ends for e in log if e[0] == 'start' and e[1].startswith(family))
+    assert sorted((r['run'], r['seed']) for r in rows) == sorted(
+        [('expert cpu-base', '0'), ('none', '0'), ('none', '1'), ('fd3d', '0'), ('expert detr3d-cpu-base', '0'),
+         ('detr3d fd3d', '0')])
+    # a failure: no new run starts, the one still going writes its row, the error names the failed run
+    state.update(now=0, most=0, log=[])
+    with pytest.raises(RuntimeError, match='none seed 0 failed'):
+        distill.run_table(str(tmp_path / 'out2'), str(world), iters=5, expert_iters=7, runs=runs, parallel=2,
+                          runner=lambda c, p: runner(c, p, fail={'none-s0'}))
+    started = [f for what, f in state['log'] if what == 'start']
+    assert started == ['expert', 'none-s0', 'fd3d-s0']  # none-s1 never started
+    assert [r['run'] for r in distill.read_table(str(tmp_path / 'out2' / 'table.csv'))] == ['expert cpu-base', 'fd3d']
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        distill.main(['table', '--out', str(tmp_path / 'out3'), '--dataroot', str(world), '--jobs', '0'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '--jobs 0' in err[0]
+
+
 @pytest.mark.slow
 def test_one_distillation_step_at_the_papers_real_sizes():
     """base-r101 (900x1600, BEV 200x200) -> fd3d-tiny (450x800, BEV 100x100), random weights, batch 1, no
