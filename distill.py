@@ -960,6 +960,13 @@ def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_
     go at a time (an apprentice only once its expert's row is written). -> the CSV rows."""
     import concurrent.futures
     import os
+    families = [('cpu-base', 'cpu-tiny', 'expert', runs)]
+    if detr3d_runs:  # a second family (detr3d.py) with its own expert, trained first
+        families.append(('detr3d-cpu-base', 'detr3d-cpu-tiny', 'detr3d-expert', detr3d_runs))
+    unknown = sorted(set(only or ()) - {r[0] for family in families for r in family[3]})
+    if unknown:
+        raise InputError(f'--only {",".join(unknown)}: expected row names among '
+                         f'{", ".join(r[0] for family in families for r in family[3])}')
     os.makedirs(out, exist_ok=True)
     if not os.path.isdir(dataroot):
         import data
@@ -967,9 +974,6 @@ def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_
         data.write_synthetic_world(dataroot, **TABLE_WORLD)
     csv_path = os.path.join(out, 'table.csv')
     done = {(r['run'], r['seed']) for r in read_table(csv_path)}
-    families = [('cpu-base', 'cpu-tiny', 'expert', runs)]
-    if detr3d_runs:  # a second family (detr3d.py) with its own expert, trained first
-        families.append(('detr3d-cpu-base', 'detr3d-cpu-tiny', 'detr3d-expert', detr3d_runs))
     jobs = []  # (row name, mode, flags, seed, iterations, folder, the row it needs first), in start order
     for e_name, a_name, e_folder, family in families:
         if only and not any(r[0] in only for r in family):

@@ -577,6 +577,11 @@ def test_table_runs_jobs_in_parallel_after_their_expert(tmp_path, capsys):
         distill.main(['table', '--out', str(tmp_path / 'out3'), '--dataroot', str(world), '--jobs', '0'])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and '--jobs 0' in err[0]
+    with pytest.raises(SystemExit):  # a row name that is not in the table
+        distill.main(['table', '--out', str(tmp_path / 'out3'), '--dataroot', str(world), '--only', 'fd3d,fd4d'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '--only fd4d' in err[0] and 'fd3d w/o focal' in err[0]
+    assert not os.path.exists(tmp_path / 'out3')  # refused before anything is written
 
 
 @pytest.mark.slow
