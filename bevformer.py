@@ -1372,7 +1372,7 @@ PRESETS = {
     # the expert's step took 3.9 CPU s instead of 1.2 (its forward, run in every distillation step,
     # 1.6 instead of 0.45), which put the miniature table at ~40 CPU hours, and BEV generation on its
     # grid cost the apprentice's whole step; the upsampler for unequal BEV grids is used by the paper's
-    # pairs (200x200 -> 50x50) and tested on its own. GridMask and dropout off: a 20-minute CPU run
+    # pairs (200x200 -> 100x100) and tested on its own. GridMask and dropout off: a 20-minute CPU run
     # underfits, and dropout alone cost ~10 % of a step in the profile. cpu-tiny has one encoder
     # layer: a history frame cost a quarter of its CPU step and an encoder layer a third, and the
     # iterations they buy learn more in the 20-minute default run (README, "No GPU").

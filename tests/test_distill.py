@@ -570,7 +570,7 @@ def test_table_runs_jobs_in_parallel_after_their_expert(tmp_path, capsys):
         distill.run_table(str(tmp_path / 'out2'), str(world), iters=5, expert_iters=7, runs=runs, parallel=2,
                           runner=lambda c, p: runner(c, p, fail={'none-s0'}))
     started = [f for what, f in state['log'] if what == 'start']
-    assert started == ['expert', 'none-s0', 'fd3d-s0']  # none-s1 never started
+    assert started[0] == 'expert' and sorted(started[1:]) == ['fd3d-s0', 'none-s0']  # none-s1 never started
     assert [r['run'] for r in distill.read_table(str(tmp_path / 'out2' / 'table.csv'))] == ['expert cpu-base', 'fd3d']
     capsys.readouterr()
     with pytest.raises(SystemExit):
