@@ -923,6 +923,12 @@ TABLE_WORLD = dict(version='v1.0-trainval', train_scenes=80, val_scenes=40, samp
 TABLE_FIELDS = ['run', 'seed', 'mode', 'flags', 'iters', 'NDS', 'mAP', 'minutes']
 
 
+def run_folder(name, seed):
+    """The folder (under the table's OUT) of one row's run: 'expert', 'detr3d-expert', 'fd3d_wo_focal-s1'."""
+    experts = {'expert cpu-base': 'expert', 'expert detr3d-cpu-base': 'detr3d-expert'}
+    return experts.get(name) or f"{name.replace(' ', '_').replace('/', '')}-s{seed}"
+
+
 def read_table(csv_path):
     """Finished rows of the table CSV (an absent file: none)."""
     import csv
@@ -960,13 +966,13 @@ def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_
     go at a time (an apprentice only once its expert's row is written). -> the CSV rows."""
     import concurrent.futures
     import os
-    families = [('cpu-base', 'cpu-tiny', 'expert', runs)]
+    families = [('cpu-base', 'cpu-tiny', runs)]
     if detr3d_runs:  # a second family (detr3d.py) with its own expert, trained first
-        families.append(('detr3d-cpu-base', 'detr3d-cpu-tiny', 'detr3d-expert', detr3d_runs))
-    unknown = sorted(set(only or ()) - {r[0] for family in families for r in family[3]})
+        families.append(('detr3d-cpu-base', 'detr3d-cpu-tiny', detr3d_runs))
+    unknown = sorted(set(only or ()) - {r[0] for family in families for r in family[2]})
     if unknown:
         raise InputError(f'--only {",".join(unknown)}: expected row names among '
-                         f'{", ".join(r[0] for family in families for r in family[3])}')
+                         f'{", ".join(r[0] for family in families for r in family[2])}')
     os.makedirs(out, exist_ok=True)
     if not os.path.isdir(dataroot):
         import data
@@ -975,19 +981,21 @@ def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_
     csv_path = os.path.join(out, 'table.csv')
     done = {(r['run'], r['seed']) for r in read_table(csv_path)}
     jobs = []  # (row name, mode, flags, seed, iterations, folder, the row it needs first), in start order
-    for e_name, a_name, e_folder, family in families:
+    for e_name, a_name, family in families:
         if only and not any(r[0] in only for r in family):
             continue
-        expert, expert_row = os.path.join(out, e_folder, 'last.pt'), (f'expert {e_name}', '0')
+        expert_row = (f'expert {e_name}', '0')
+        e_folder = run_folder(*expert_row)
+        expert = os.path.join(out, e_folder, 'last.pt')
         jobs.append((expert_row[0], None, ['--model', e_name, '--seed', '0'], 0, expert_iters, e_folder, None))
         # seed-major (a stable sort keeps the rows' order within a seed): every row's seed 0 comes
         # before any seed 1, so a table run in parts has every row early
         rows = sorted(((seed, row) for row in family for seed in range(row[3])), key=lambda j: j[0])
         for seed, (name, mode, flags, _) in rows:
             if not only or name in only:
-                folder = f"{name.replace(' ', '_').replace('/', '')}-s{seed}"
                 jobs.append((name, mode, ['--teacher', expert, '--student', a_name, '--distill', mode,
-                                          '--seed', str(seed)] + flags, seed, iters, folder, expert_row))
+                                          '--seed', str(seed)] + flags, seed, iters, run_folder(name, seed),
+                             expert_row))
     todo = [j for j in jobs if (j[0], str(j[3])) not in done]
 
     def start(job, pool):
@@ -1029,7 +1037,7 @@ def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_
     if failure:
         raise RuntimeError(failure)
     rows = read_table(csv_path)
-    print(summarise_table(rows))
+    print(summarise_table(rows, out))
     return rows
 
 
@@ -1053,27 +1061,39 @@ def append_row(csv_path, row):
         writer.writerow(row)
 
 
-def summarise_table(rows):
-    """Markdown table: NDS and mAP mean +- standard deviation over seeds per run."""
+def summarise_table(rows, out=None):
+    """Markdown table: NDS and mAP mean +- standard deviation over seeds per run; with `out` (the table's
+    folder) also the mean true-positive errors of the paper's table (mATE ... mAAE) from every run's
+    metrics_summary.json (a run without one leaves its cells '-')."""
+    import json
+    import os
     import statistics
-    order, groups = [], {}
+    groups = {}
     for r in rows:
-        if r['run'] not in groups:
-            order.append(r['run'])
         groups.setdefault(r['run'], []).append(r)
-    lines = ['| run | seeds | NDS | mAP |', '|---|---|---|---|']
+    canonical = ['expert cpu-base'] + [r[0] for r in TABLE_RUNS] + ['expert detr3d-cpu-base'] + [r[0] for r in DETR3D_RUNS]
+    order = sorted(groups, key=lambda n: canonical.index(n) if n in canonical else len(canonical))  # paper's order
+    tp = [('mATE', 'trans_err'), ('mASE', 'scale_err'), ('mAOE', 'orient_err'), ('mAVE', 'vel_err'),
+          ('mAAE', 'attr_err')] if out else []
+    lines = ['| run | seeds | NDS | mAP |' + ''.join(f' {name} |' for name, _ in tp),
+             '|---|---|---|---|' + '---|' * len(tp)]
     for name in order:
         g = groups[name]
         cell = []
         for key in ('NDS', 'mAP'):
             v = [100 * float(r[key]) for r in g]
             cell.append(f'{statistics.mean(v):.2f}' + (f' +- {statistics.stdev(v):.2f}' if len(v) > 1 else ''))
-        lines.append(f'| {name} | {len(g)} | {cell[0]} | {cell[1]} |')
+        summaries = [os.path.join(out, run_folder(r['run'], r['seed']), 'metrics_summary.json') for r in g] if out else []
+        errors = [json.load(open(p))['tp_errors'] for p in summaries if os.path.exists(p)]
+        for _, key in tp:
+            cell.append(f'{statistics.mean(e[key] for e in errors):.3f}' if len(errors) == len(g) else '-')
+        lines.append(f'| {name} | {len(g)} | ' + ' | '.join(cell) + ' |')
     return '\n'.join(lines)
 
 
 def main(argv=None):
     import argparse
+    import os
     import sys
     p = argparse.ArgumentParser(description='FD3D: `bench` (time breakdown of a distillation step) and `table` '
                                             '(the paper\'s table in miniature on the synthetic world).')
@@ -1088,6 +1108,8 @@ def main(argv=None):
     t.add_argument('--iters', type=int, default=2000, help='iterations of every apprentice run (one schedule)')
     t.add_argument('--expert-iters', type=int, default=4000, help='iterations of the cpu-base expert')
     t.add_argument('--only', help='comma-separated row names to run now (the expert always comes first)')
+    t.add_argument('--summary', action='store_true', help='print the table of the finished rows (mean +- std '
+                   'over seeds, with the TP errors) and run nothing')
     t.add_argument('--jobs', type=int, default=1, help='train.py runs at a time (an apprentice starts once its '
                    'expert is trained); on a 2-core CPU --jobs 2 --threads 1')
     t.add_argument('--threads', type=int, default=0, help="torch CPU threads of each train.py run (0: train.py's "
@@ -1097,6 +1119,9 @@ def main(argv=None):
         if args.cmd == 'bench':
             bench(args.pair, args.device, args.iters)
         else:
+            if args.summary:
+                print(summarise_table(read_table(os.path.join(args.out, 'table.csv')), args.out))
+                return
             if args.jobs < 1 or args.threads < 0:
                 raise InputError(f'--jobs {args.jobs} --threads {args.threads}: expected --jobs >= 1 and --threads >= 0')
             run_table(args.out, args.dataroot, args.iters, args.expert_iters,

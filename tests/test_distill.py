@@ -584,6 +584,32 @@ def test_table_runs_jobs_in_parallel_after_their_expert(tmp_path, capsys):
     assert not os.path.exists(tmp_path / 'out3')  # refused before anything is written
 
 
+
+def test_table_summary_orders_rows_and_averages_the_tp_errors(tmp_path, capsys):
+    """`distill.py table --summary`: rows in the paper's order whatever order they finished in, NDS/mAP
+    mean +- std over seeds, TP errors averaged from each run's metrics_summary.json ('-' when one is missing)."""
+    import json
+    import os
+    rows = [dict(run='fd3d', seed='1', NDS='0.30', mAP='0.20'), dict(run='none', seed='0', NDS='0.20', mAP='0.10'),
+            dict(run='fd3d', seed='0', NDS='0.26', mAP='0.16'), dict(run='expert cpu-base', seed='0', NDS='0.4', mAP='0.3')]
+    keys = ['trans_err', 'scale_err', 'orient_err', 'vel_err', 'attr_err']
+    for folder, base in (('fd3d-s0', 0.5), ('fd3d-s1', 0.7), ('expert', 0.1)):  # none-s0 has none
+        os.makedirs(tmp_path / folder)
+        with open(tmp_path / folder / 'metrics_summary.json', 'w') as f:
+            json.dump({'tp_errors': {k: base + i / 10 for i, k in enumerate(keys)}}, f)
+    with open(tmp_path / 'table.csv', 'w') as f:
+        f.write(','.join(distill.TABLE_FIELDS) + '\n')
+        for r in rows:
+            f.write(f"{r['run']},{r['seed']},m,,5,{r['NDS']},{r['mAP']},1.0\n")
+    distill.main(['table', '--out', str(tmp_path), '--summary'])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split('|')[3:10] == [' NDS ', ' mAP ', ' mATE ', ' mASE ', ' mAOE ', ' mAVE ', ' mAAE ']
+    assert [line.split('|')[1].strip() for line in lines[2:]] == ['expert cpu-base', 'none', 'fd3d']
+    fd3d = [c.strip() for c in lines[4].split('|')[2:-1]]
+    assert fd3d == ['2', '28.00 +- 2.83', '18.00 +- 2.83', '0.600', '0.700', '0.800', '0.900', '1.000']
+    assert lines[3].endswith('| 20.00 | 10.00 | - | - | - | - | - |')
+    assert not os.path.exists(tmp_path / 'none-s0')  # the summary runs nothing
+
 @pytest.mark.slow
 def test_one_distillation_step_at_the_papers_real_sizes():
     """base-r101 (900x1600, BEV 200x200) -> fd3d-tiny (450x800, BEV 100x100), random weights, batch 1, no
