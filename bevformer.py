@@ -284,8 +284,11 @@ def msda(value, shapes, loc, attn):
 _FLOP_COUNT = None
 
 
-def _init_offsets(linear, heads, groups, points):
-    """Deformable-DETR init: zero weights, biases pointing in `heads` directions, growing per point."""
+def _init_deformable(attn, heads, groups, points):
+    """Deformable-DETR init of a deformable attention's `sampling_offsets` (zero weights, biases pointing
+    in `heads` directions, growing per point; the same for each of `groups` levels or queue slots) and
+    `attention_weights` (zero: uniform weights at the start)."""
+    linear = attn.sampling_offsets
     nn.init.zeros_(linear.weight)
     thetas = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
     grid = torch.stack([thetas.cos(), thetas.sin()], -1)
@@ -294,6 +297,8 @@ def _init_offsets(linear, heads, groups, points):
     grid = grid * torch.arange(1, points + 1, dtype=torch.float32).view(1, 1, points, 1)
     with torch.no_grad():
         linear.bias.copy_(grid.flatten())
+    nn.init.zeros_(attn.attention_weights.weight)
+    nn.init.zeros_(attn.attention_weights.bias)
 
 
 def _xavier(*linears):
@@ -654,9 +659,7 @@ class TemporalSelfAttention(nn.Module):
         self.value_proj = nn.Linear(C, C)
         self.output_proj = nn.Linear(C, C)
         self.dropout = nn.Dropout(dropout)
-        _init_offsets(self.sampling_offsets, heads, 2, points)
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
+        _init_deformable(self, heads, 2, points)
         _xavier(self.value_proj, self.output_proj)
 
     def forward(self, x, pos, prev, cur, ref_prev, ref_cur, bev_hw, quirk_value_slice=False):
@@ -696,9 +699,7 @@ class MSDeformableAttention3D(nn.Module):
         self.sampling_offsets = nn.Linear(C, heads * levels * points * 2)
         self.attention_weights = nn.Linear(C, heads * levels * points)
         self.value_proj = nn.Linear(C, C)
-        _init_offsets(self.sampling_offsets, heads, levels, points)
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
+        _init_deformable(self, heads, levels, points)
         _xavier(self.value_proj)
 
     def forward(self, query, value, ref, shapes):
@@ -833,9 +834,7 @@ class CustomMSDeformableAttention(nn.Module):
         self.value_proj = nn.Linear(C, C)
         self.output_proj = nn.Linear(C, C)
         self.dropout = nn.Dropout(dropout)
-        _init_offsets(self.sampling_offsets, heads, 1, points)
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
+        _init_deformable(self, heads, 1, points)
         _xavier(self.value_proj, self.output_proj)
 
     def forward(self, x, pos, bev, ref, bev_hw):
@@ -891,6 +890,14 @@ def reg_branch(C):
     """Linear -> ReLU -> Linear -> ReLU -> Linear(C, 10) (indices 0, 2, 4)."""
     return nn.Sequential(nn.Linear(C, C), nn.ReLU(inplace=True), nn.Linear(C, C), nn.ReLU(inplace=True),
                          nn.Linear(C, 10))
+
+
+def object_queries(query_embedding, reference_points, B):
+    """The learned object queries (architecture.md 2.9): the embedding's halves are the positional and
+    content parts -> (pos [B, Q, C], content [B, Q, C], reference points [B, Q, 3] normalised to pc_range)."""
+    pos, x = query_embedding.weight.split(query_embedding.weight.shape[1] // 2, -1)   # [Q, C] each
+    pos, x = pos[None].expand(B, -1, -1), x[None].expand(B, -1, -1)
+    return pos, x, reference_points(pos).sigmoid()
 
 
 def refine_boxes(t, ref, pc_range):
@@ -1106,10 +1113,8 @@ class BEVFormer(nn.Module):
     def decode_queries(self, bev):
         """bev [B, Q_bev, C] -> list over decoder layers of dicts (see `forward`)."""
         cfg = self.cfg
-        B, C = bev.shape[0], cfg.embed_dims
-        pos, x = self.query_embedding.weight.split(C, -1)                        # [Q, C] each
-        pos, x = pos[None].expand(B, -1, -1), x[None].expand(B, -1, -1)
-        ref = self.reference_points(pos).sigmoid()                               # [B, Q, 3] normalised
+        B = bev.shape[0]
+        pos, x, ref = object_queries(self.query_embedding, self.reference_points, B)
         outs = []
         for lid, layer in enumerate(self.decoder.layers):
             x, loc, aw = layer(x, pos, bev, ref[..., :2], (cfg.bev_h, cfg.bev_w))

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 import bevformer
 from bevformer import (BEVFormer, DecoderLayer, DetectorConfig, build_image_backbone, cls_branch,
-                       inverse_sigmoid, project_points, reg_branch, refine_boxes)
+                       inverse_sigmoid, object_queries, project_points, reg_branch, refine_boxes)
 from data import InputError
 
 
@@ -236,10 +236,8 @@ class DETR3D(nn.Module):
     def decode_queries(self, fpn, lidar2img, pad_hw):
         """fpn list over L of [B, N, C, h, w]; lidar2img [B, N, 4, 4] -> list over layers of dicts (see forward)."""
         cfg = self.cfg
-        B, C = lidar2img.shape[0], cfg.embed_dims
-        pos, x = self.query_embedding.weight.split(C, -1)                        # [Q, C] each
-        pos, x = pos[None].expand(B, -1, -1), x[None].expand(B, -1, -1)
-        ref = self.reference_points(pos).sigmoid()                               # [B, Q, 3] normalised
+        B = lidar2img.shape[0]
+        pos, x, ref = object_queries(self.query_embedding, self.reference_points, B)
         outs = []
         for lid, layer in enumerate(self.decoder.layers):
             # the full 3D reference goes to the cross-attention (BEVFormer passes only x, y)
