@@ -1071,7 +1071,8 @@ def summarise_table(rows, out=None):
     groups = {}
     for r in rows:
         groups.setdefault(r['run'], []).append(r)
-    canonical = ['expert cpu-base'] + [r[0] for r in TABLE_RUNS] + ['expert detr3d-cpu-base'] + [r[0] for r in DETR3D_RUNS]
+    canonical = (['expert cpu-base'] + [r[0] for r in TABLE_RUNS] + ['expert detr3d-cpu-base'] +
+                 [r[0] for r in DETR3D_RUNS])
     order = sorted(groups, key=lambda n: canonical.index(n) if n in canonical else len(canonical))  # paper's order
     tp = [('mATE', 'trans_err'), ('mASE', 'scale_err'), ('mAOE', 'orient_err'), ('mAVE', 'vel_err'),
           ('mAAE', 'attr_err')] if out else []
@@ -1083,8 +1084,12 @@ def summarise_table(rows, out=None):
         for key in ('NDS', 'mAP'):
             v = [100 * float(r[key]) for r in g]
             cell.append(f'{statistics.mean(v):.2f}' + (f' +- {statistics.stdev(v):.2f}' if len(v) > 1 else ''))
-        summaries = [os.path.join(out, run_folder(r['run'], r['seed']), 'metrics_summary.json') for r in g] if out else []
-        errors = [json.load(open(p))['tp_errors'] for p in summaries if os.path.exists(p)]
+        errors = []
+        for r in g if out else []:  # evaluate.py's summary of each seed's run
+            path = os.path.join(out, run_folder(r['run'], r['seed']), 'metrics_summary.json')
+            if os.path.exists(path):
+                with open(path) as f:
+                    errors.append(json.load(f)['tp_errors'])
         for _, key in tp:
             cell.append(f'{statistics.mean(e[key] for e in errors):.3f}' if len(errors) == len(g) else '-')
         lines.append(f'| {name} | {len(g)} | ' + ' | '.join(cell) + ' |')
