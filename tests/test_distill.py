@@ -584,14 +584,14 @@ def test_table_runs_jobs_in_parallel_after_their_expert(tmp_path, capsys):
     assert not os.path.exists(tmp_path / 'out3')  # refused before anything is written
 
 
-
 def test_table_summary_orders_rows_and_averages_the_tp_errors(tmp_path, capsys):
     """`distill.py table --summary`: rows in the paper's order whatever order they finished in, NDS/mAP
     mean +- std over seeds, TP errors averaged from each run's metrics_summary.json ('-' when one is missing)."""
     import json
     import os
     rows = [dict(run='fd3d', seed='1', NDS='0.30', mAP='0.20'), dict(run='none', seed='0', NDS='0.20', mAP='0.10'),
-            dict(run='fd3d', seed='0', NDS='0.26', mAP='0.16'), dict(run='expert cpu-base', seed='0', NDS='0.4', mAP='0.3')]
+            dict(run='fd3d', seed='0', NDS='0.26', mAP='0.16'),
+            dict(run='expert cpu-base', seed='0', NDS='0.4', mAP='0.3')]
     keys = ['trans_err', 'scale_err', 'orient_err', 'vel_err', 'attr_err']
     for folder, base in (('fd3d-s0', 0.5), ('fd3d-s1', 0.7), ('expert', 0.1)):  # none-s0 has none
         os.makedirs(tmp_path / folder)
@@ -609,6 +609,7 @@ def test_table_summary_orders_rows_and_averages_the_tp_errors(tmp_path, capsys):
     assert fd3d == ['2', '28.00 +- 2.83', '18.00 +- 2.83', '0.600', '0.700', '0.800', '0.900', '1.000']
     assert lines[3].endswith('| 20.00 | 10.00 | - | - | - | - | - |')
     assert not os.path.exists(tmp_path / 'none-s0')  # the summary runs nothing
+
 
 @pytest.mark.slow
 def test_one_distillation_step_at_the_papers_real_sizes():
