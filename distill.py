@@ -920,6 +920,8 @@ DETR3D_RUNS = [('detr3d none', 'none', [], 2), ('detr3d fd3d', 'fd3d', [], 2)]
 # Many short scenes, as data.DEFAULT_WORLD (cpu-tiny overfits a few long ones), at 400x225 for the expert
 # cpu-base; 480 validation samples so that the spread between seeds can be measured.
 TABLE_WORLD = dict(version='v1.0-trainval', train_scenes=80, val_scenes=40, samples_per_scene=12, image_scale=0.25)
+# minutes: wall time of the table invocation that finished the run, evaluation included (a run resumed
+# after an interruption counts only its last part; its log.jsonl's 'dt' has every iteration's time)
 TABLE_FIELDS = ['run', 'seed', 'mode', 'flags', 'iters', 'NDS', 'mAP', 'minutes']
 
 
