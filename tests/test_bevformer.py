@@ -552,7 +552,7 @@ def test_overfit_one_synthetic_sample(world):
     first, hits = None, 0
     for it in range(1, 1001):
         for group in opt.param_groups:
-            group['lr'] = get_lr(it - 1, 1e-3, 1000, 0, 1e-2)
+            group['lr'] = get_lr(it - 1, 1e-3, total=1000, warmup=0, min_ratio=1e-2)
         loss = sum(model.loss(model(batch), batch).values())
         first = float(loss.detach()) if first is None else first
         opt.zero_grad()
