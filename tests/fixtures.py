@@ -62,3 +62,29 @@ def devkit_pixels(nusc, sample_token, cam, points):
     depth = pc.points[2].copy()
     px = view_points(pc.points[:3], np.array(cs['camera_intrinsic']), normalize=True)[:2]
     return px, depth, (sd['width'], sd['height'])
+
+
+# The official checkpoints' parameter names and shapes (tests/keys/, see its README): facts derived from
+# the official module definitions, kept in the repository so that the tests run in a clone on its own.
+KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'keys')
+
+
+def manifest(name):
+    """{official key: shape (list of ints)} of tests/keys/<name> (e.g. 'keys_bevformer_tiny.txt')."""
+    out = {}
+    with open(os.path.join(KEYS, name)) as f:
+        for line in f:
+            if line.startswith('#') or not line.strip():
+                continue
+            key, shape = line.rstrip('\n').split('\t')
+            out[key] = [int(s) for s in shape.strip('[]').split(',') if s.strip()]
+    return out
+
+
+def manifest_state(name, seed=0):
+    """A state dict with every key of the manifest: random tensors of its shapes (BatchNorm's
+    num_batches_tracked an int64 scalar), as an official checkpoint's 'state_dict' holds them."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.tensor(7, dtype=torch.long) if k.endswith('num_batches_tracked')
+                else torch.randn(*shape, generator=g)) for k, shape in manifest(name).items()}

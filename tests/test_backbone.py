@@ -1,24 +1,15 @@
 """Backbone pieces: DCNv2 against an explicit reference, ResNet/FPN names against the official key
 manifests, frozen stages, GridMask, and pretrained-weight loading."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fixtures
 from bevformer import FPN, GridMask, ModulatedDeformConv2d, ResNet, load_backbone_weights
 
-KEYS = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'specs', 'keys')
-
-
 def manifest(name, prefix):
-    """{key without prefix: shape} of one official module, from the derived key lists."""
-    out = {}
-    with open(os.path.join(KEYS, name)) as f:
-        for line in f:
-            if line.startswith(prefix):
-                key, shape = line.rstrip('\n').split('\t')
-                out[key[len(prefix):]] = eval(shape)   # "[64, 3, 7, 7]" -> list
+    """{key without prefix: shape} of one official module, from the derived key lists (tests/keys/)."""
+    out = {k[len(prefix):]: shape for k, shape in fixtures.manifest(name).items() if k.startswith(prefix)}
     assert out, f'no {prefix} keys in {name}'
     return out
 

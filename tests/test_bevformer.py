@@ -5,7 +5,6 @@ loading against the key manifests, batch == one by one, the test-time BEV cache.
 Slow: overfitting one synthetic sample, real input sizes of fd3d-tiny and base."""
 import itertools
 import math
-import os
 
 import numpy as np
 import pytest
@@ -13,9 +12,9 @@ import torch
 from pyquaternion import Quaternion
 
 import bevformer as bf
+import fixtures
 from data import InputError
 
-KEYS = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'specs', 'keys')
 
 
 def small_cfg(**kw):
@@ -296,19 +295,7 @@ def test_official_yaw_conversion_matches_the_devkit_box():
 # ---------------------------------------------------------------------------------------------
 
 def manifest_state(name, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    with open(os.path.join(KEYS, f'keys_bevformer_{name}.txt')) as f:
-        for line in f:
-            if line.startswith('#') or not line.strip():
-                continue
-            key, shape = line.rstrip('\n').split('\t')
-            shape = eval(shape)
-            if key.endswith('num_batches_tracked'):
-                state[key] = torch.tensor(7, dtype=torch.long)
-            else:
-                state[key] = torch.randn(*shape, generator=g)
-    return state
+    return fixtures.manifest_state(f'keys_bevformer_{name}.txt', seed)
 
 
 @pytest.mark.parametrize('name', ['tiny', 'small', 'base'])

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 import bevformer as bf
+import fixtures
 import detr3d
 from data import InputError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = os.path.join(ROOT, '..', 'shared', 'specs', 'keys')
 
 
 def small_cfg(**kw):
@@ -229,17 +228,7 @@ def test_presets_and_config_errors():
 # ---------------------------------------------------------------------------------------------
 
 def manifest_state(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    with open(os.path.join(KEYS, 'keys_detr3d_r101.txt')) as f:
-        for line in f:
-            if line.startswith('#') or not line.strip():
-                continue
-            key, shape = line.rstrip('\n').split('\t')
-            shape = [int(s) for s in shape.strip('[]').split(',') if s.strip()]
-            state[key] = (torch.tensor(7, dtype=torch.long) if key.endswith('num_batches_tracked')
-                          else torch.randn(*shape, generator=g))
-    return state
+    return fixtures.manifest_state('keys_detr3d_r101.txt', seed)
 
 
 @pytest.fixture(scope='module')

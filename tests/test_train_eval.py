@@ -9,7 +9,6 @@ run in seconds; the smoke tests run the real `cpu-tiny`.
 import dataclasses
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
