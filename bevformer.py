@@ -13,8 +13,10 @@ Where we differ from the official code (architecture.md, section 2.14 for the qu
   (yaw' = -yaw - pi/2) is converted once, in `load_official`.
 * `official_quirks=False` (our default; the official presets turn it on) fixes: the rotation of the
   previous BEV about (100, 100) for every BEV size, the aliased shift of both TSA reference halves,
-  the batch-size-1 assumptions (TSA `value[:B]`, SCA index lists built from sample 0 only), the TSA
-  value that is not updated per layer, and the unwrapped yaw delta (359 -> 1 deg gives -358).
+  the TSA value that is not updated per layer, and the unwrapped yaw delta (359 -> 1 deg gives -358).
+* The official code's batch-size-1 assumptions (TSA `value[:B]`, SCA index lists built from sample 0)
+  are not kept even under `official_quirks`: at B = 1 they are what our per-sample code computes, at
+  B > 1 they mix samples (docs/official-differences.md).
 * Batches may mix samples with and without a previous BEV (the official code is all-or-none).
 * No mmcv registries; the deformable attention is `ops.ms_deform_attn` (CUDA kernel or fallback).
 
@@ -54,6 +56,12 @@ class DetectorConfig:
     image_size: tuple = (200, 113)
     pad_to: int = 32
     normalisation: str = 'rgb'     # 'rgb': ImageNet mean/std on RGB (Tiny); 'caffe': BGR, mean only
+    # how the loader decodes and resizes (data.load_image): 'official' = full decode, bilinear without
+    # antialiasing (mmcv); 'fast' = JPEG draft decode where exact, antialiased bilinear (CPU presets)
+    image_loading: str = 'fast'
+    photometric: bool = False      # PhotoMetricDistortion in training (official recipes: on)
+    # can_bus[7:16] without CAN-bus data: 'zeros' (official converter) or 'poses' (from the ego poses)
+    can_bus_fallback: str = 'poses'
     queue_length: int = 1          # frames per training sample (1 = no history)
     num_cams: int = 6
     num_classes: int = 10
@@ -92,6 +100,9 @@ class DetectorConfig:
         """(ok, message) pairs checked after construction; each detector adds its own."""
         return [
             (self.normalisation in ('rgb', 'caffe'), f"normalisation must be 'rgb' or 'caffe', got {self.normalisation!r}"),
+            (self.image_loading in ('official', 'fast'), f"image_loading must be 'official' or 'fast', got {self.image_loading!r}"),
+            (self.can_bus_fallback in ('zeros', 'poses'),
+             f"can_bus_fallback must be 'zeros' or 'poses', got {self.can_bus_fallback!r}"),
             (self.backbone_style in ('pytorch', 'caffe'), "backbone_style must be 'pytorch' or 'caffe'"),
             (self.embed_dims % self.num_heads == 0, 'embed_dims must be divisible by num_heads'),
             (self.fpn_levels >= len(self.backbone_out), 'fpn_levels must be >= len(backbone_out)'),
@@ -173,19 +184,19 @@ def normalize_images(img, img_shape, normalisation):
     return img * inside[:, None, None]
 
 
-def bev_grid(cfg, device):
+def bev_grid(cfg, device, dtype=torch.float32):
     """Normalised (x, y) of the BEV cell centres [Q, 2], flat index q = h * W + w (column = x)."""
-    ys, xs = torch.meshgrid((torch.arange(cfg.bev_h, device=device) + 0.5) / cfg.bev_h,
-                            (torch.arange(cfg.bev_w, device=device) + 0.5) / cfg.bev_w, indexing='ij')
+    ys, xs = torch.meshgrid((torch.arange(cfg.bev_h, device=device, dtype=dtype) + 0.5) / cfg.bev_h,
+                            (torch.arange(cfg.bev_w, device=device, dtype=dtype) + 0.5) / cfg.bev_w, indexing='ij')
     return torch.stack([xs, ys], -1).view(-1, 2)
 
 
-def pillar_points(cfg, device):
+def pillar_points(cfg, device, dtype=torch.float32):
     """Metric 3D reference points of every pillar [Z, Q, 3] in the LIDAR_TOP frame (paper Sec. 3.3:
     each BEV query is lifted to Z anchors; official `get_reference_points('3d')`)."""
     x0, y0, z0, x1, y1, z1 = cfg.pc_range
-    zs = torch.linspace(0.5, (z1 - z0) - 0.5, cfg.num_z, device=device) / (z1 - z0)  # normalised
-    xy = bev_grid(cfg, device)                                                        # [Q, 2]
+    zs = torch.linspace(0.5, (z1 - z0) - 0.5, cfg.num_z, device=device, dtype=dtype) / (z1 - z0)  # normalised
+    xy = bev_grid(cfg, device, dtype)                                                 # [Q, 2]
     ref = torch.cat([xy[None].expand(cfg.num_z, -1, -1),
                      zs[:, None, None].expand(-1, xy.shape[0], 1)], -1)               # [Z, Q, 3]
     lo = ref.new_tensor([x0, y0, z0])
@@ -193,14 +204,16 @@ def pillar_points(cfg, device):
 
 
 def project_points(points, lidar2img, pad_hw, eps=1e-5):
-    """Project metric LIDAR_TOP points into every camera (official `point_sampling`, in fp32).
+    """Project metric LIDAR_TOP points into every camera (official `point_sampling`, at least in fp32:
+    float64 inputs stay float64, half precision is never used).
 
     points [Z, Q, 3]; lidar2img [B, N, 4, 4]; pad_hw: (H, W) of the padded image tensor.
     Returns uv [N, B, Q, Z, 2] normalised by the padded size (0..1 inside the image) and
     mask [N, B, Q, Z]: in front of the camera and strictly inside the image."""
+    dt = torch.float64 if torch.float64 in (points.dtype, lidar2img.dtype) else torch.float32
     with torch.autocast(device_type=points.device.type, enabled=False):
-        pts = torch.cat([points.float(), points.new_ones(*points.shape[:-1], 1).float()], -1)
-        cam = torch.einsum('bnij,zqj->nbqzi', lidar2img.float(), pts)              # [N, B, Q, Z, 4]
+        pts = torch.cat([points.to(dt), points.new_ones(*points.shape[:-1], 1, dtype=dt)], -1)
+        cam = torch.einsum('bnij,zqj->nbqzi', lidar2img.to(dt), pts)               # [N, B, Q, Z, 4]
         front = cam[..., 2] > eps
         uv = cam[..., :2] / cam[..., 2:3].clamp(min=eps)
         uv = uv / uv.new_tensor([pad_hw[1], pad_hw[0]])
@@ -276,9 +289,10 @@ def msda(value, shapes, loc, attn):
     start = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
     if _FLOP_COUNT is not None:   # 4 bilinear corners + 1 weighting per sampled channel
         _FLOP_COUNT[0] += attn.numel() * value.shape[-1] * 5
-    # fp32 even under autocast, as the official wrapper (sampling locations need the precision)
+    # outside autocast: the op computes half/bfloat16 inputs in fp32 (as the official fp32 wrapper;
+    # sampling locations need the precision) and keeps float32/float64 as they are
     with torch.autocast(device_type=value.device.type, enabled=False):
-        return ms_deform_attn(value.float(), shapes, start, loc.float(), attn.float())
+        return ms_deform_attn(value, shapes, start, loc, attn)
 
 
 _FLOP_COUNT = None
@@ -662,16 +676,16 @@ class TemporalSelfAttention(nn.Module):
         _init_deformable(self, heads, 2, points)
         _xavier(self.value_proj, self.output_proj)
 
-    def forward(self, x, pos, prev, cur, ref_prev, ref_cur, bev_hw, quirk_value_slice=False):
+    def forward(self, x, pos, prev, cur, ref_prev, ref_cur, bev_hw):
         """x [B, Q, C] layer input; pos [B, Q, C]; prev/cur [B, Q, C] the two value slots;
         ref_prev/ref_cur [B, Q, 2] normalised (x, y). Returns [B, Q, C]."""
         B, Q, C = x.shape
         M, P = self.heads, self.points
         H, W = bev_hw
         value = torch.stack([prev, cur], 1).flatten(0, 1)                 # [2B, Q, C], row b*2 + t
-        # official: cat([value[:B], query]); value[:B] is "every sample's previous BEV" only if B = 1
-        first = value[:B] if quirk_value_slice else prev
-        q = torch.cat([first, x + pos], -1)                               # [B, Q, 2C]
+        # official: cat([value[:B], query]) with value's rows ordered b * 2 + t, so value[:B] is every
+        # sample's previous BEV only at B = 1 (issue #96); that is `prev` itself, which we use at any B
+        q = torch.cat([prev, x + pos], -1)                                # [B, Q, 2C]
         v = self.value_proj(value).view(2 * B, Q, M, C // M)              # [2B, Q, M, C/M]
         off = self.sampling_offsets(q).view(B, Q, M, 2, 1, P, 2)
         aw = self.attention_weights(q).view(B, Q, M, 2, P).softmax(-1).view(B, Q, M, 2, 1, P)
@@ -742,16 +756,16 @@ class SpatialCrossAttention(nn.Module):
         return self.dropout(self.output_proj(slots)) + x
 
 
-def compact_cameras(uv, mask, quirk_batch0=False):
+def compact_cameras(uv, mask):
     """Per (sample, camera), the BEV queries whose pillar has at least one anchor in the image.
 
     uv [N, B, Q, Z, 2], mask [N, B, Q, Z] from `project_points`. Returns a dict with
     idx [B, N, R] query indices (hit ones first, R = the largest count), valid [B, N, R],
     ref [B*N, R, Z, 2] their projected anchors, count [B, Q] cameras hit (>= 1).
-    The official code builds the index lists from sample 0 only (`quirk_batch0`)."""
+    The official code builds the index lists from sample 0 only, which is right only at B = 1 (there
+    it is what we compute); we build them per sample."""
     N, B, Q, Z = mask.shape
-    hit = mask.any(-1)                                                    # [N, B, Q]
-    sel = hit[:, :1].expand(N, B, Q) if quirk_batch0 else hit
+    sel = hit = mask.any(-1)                                              # [N, B, Q]
     n_sel = sel.sum(-1)                                                   # [N, B]
     R = max(int(n_sel.max()), 1)
     order = torch.argsort((~sel).to(torch.uint8), dim=-1, stable=True)[..., :R]   # [N, B, R]
@@ -789,8 +803,8 @@ class EncoderLayer(nn.Module):
         self.ffn = FFN(C, cfg.ffn_dims, cfg.dropout)
         self.norms = nn.ModuleList(nn.LayerNorm(C) for _ in range(3))
 
-    def forward(self, x, pos, prev, cur, ref_prev, ref_cur, bev_hw, feats, shapes, cams, quirks):
-        x = self.norms[0](self.tsa(x, pos, prev, cur, ref_prev, ref_cur, bev_hw, quirks))
+    def forward(self, x, pos, prev, cur, ref_prev, ref_cur, bev_hw, feats, shapes, cams):
+        x = self.norms[0](self.tsa(x, pos, prev, cur, ref_prev, ref_cur, bev_hw))
         x = self.norms[1](self.sca(x, feats, shapes, cams))
         return self.norms[2](self.ffn(x))
 
@@ -810,7 +824,7 @@ class BEVEncoder(nn.Module):
             prev_slot = torch.where(hp, prev, x)
             # quirk 4: with history the official "current" slot stays the encoder input x0
             cur_slot = torch.where(hp, x0, x) if quirks else x
-            x = layer(x, pos, prev_slot, cur_slot, ref_prev, ref_cur, bev_hw, feats, shapes, cams, quirks)
+            x = layer(x, pos, prev_slot, cur_slot, ref_prev, ref_cur, bev_hw, feats, shapes, cams)
         return x
 
 
@@ -1061,7 +1075,8 @@ class BEVFormer(nn.Module):
     def extract_feats(self, img, img_shape):
         """img [B, N, 3, Hp, Wp] RGB 0..255; img_shape [B, 2] -> list over L of [B, N, C, h, w]."""
         B, N = img.shape[:2]
-        x = normalize_images(img.float(), img_shape, self.cfg.normalisation).flatten(0, 1)   # [B*N, 3, Hp, Wp]
+        dtype = self.query_embedding.weight.dtype          # the model's (float32, or float64 for checks)
+        x = normalize_images(img.to(dtype), img_shape, self.cfg.normalisation).flatten(0, 1)   # [B*N, 3, Hp, Wp]
         if self.cfg.grid_mask:
             x = self.grid_mask(x)                              # training mode only
         feats = self.neck(self.backbone(x))
@@ -1092,7 +1107,7 @@ class BEVFormer(nn.Module):
                          pe.row_embed.weight[:, None].expand(-1, W, -1)], -1)    # [H, W, C]
         pos = pos.view(1, H * W, -1).expand(B, -1, -1)
         # temporal: align the previous BEV with the ego motion (Sec. 3.4)
-        ref_2d = bev_grid(cfg, x.device)[None].expand(B, -1, -1)                # [B, Q, 2]
+        ref_2d = bev_grid(cfg, x.device, x.dtype)[None].expand(B, -1, -1)       # [B, Q, 2]
         if prev_bev is None or not bool(has_prev.any()):
             prev, shift = torch.zeros_like(x), x.new_zeros(B, 2)
             has_prev = torch.zeros(B, dtype=torch.bool, device=x.device)
@@ -1104,8 +1119,8 @@ class BEVFormer(nn.Module):
         ref_cur = ref_prev if cfg.official_quirks else ref_2d
         # spatial: project the pillars into the cameras (Sec. 3.3) and compact per camera
         feats, shapes = self.flatten_feats(fpn)
-        uv, mask = project_points(pillar_points(cfg, x.device), lidar2img, pad_hw)
-        cams = compact_cameras(uv.to(x.dtype), mask, quirk_batch0=cfg.official_quirks)
+        uv, mask = project_points(pillar_points(cfg, x.device, x.dtype), lidar2img, pad_hw)
+        cams = compact_cameras(uv.to(x.dtype), mask)
         return self.encoder(x, pos, prev, has_prev, ref_prev, ref_cur, (H, W), feats, shapes, cams,
                             cfg.official_quirks)
 
@@ -1127,7 +1142,8 @@ class BEVFormer(nn.Module):
     # ---- one frame, the temporal queue, the forward ------------------------------------------
     def frame_bev(self, img, img_shape, lidar2img, can_delta, prev_bev, has_prev):
         fpn = self.extract_feats(img, img_shape)
-        return self.encode_bev(fpn, lidar2img.float(), img.shape[-2:], can_delta, prev_bev, has_prev), fpn
+        lidar2img = lidar2img.to(self.query_embedding.weight.dtype)
+        return self.encode_bev(fpn, lidar2img, img.shape[-2:], can_delta, prev_bev, has_prev), fpn
 
     @torch.no_grad()
     def history_bev(self, batch):
@@ -1135,8 +1151,8 @@ class BEVFormer(nn.Module):
         eval mode (no GridMask, no dropout), oldest first; a sample's chain starts at its first valid
         frame. Returns (prev_bev [B, Q, C] or None, prev_can [B, 18] absolute, has_prev [B])."""
         img = batch['img']
-        B, dev = img.shape[0], img.device
-        prev_can = torch.zeros(B, 18, device=dev)
+        B, dev, dtype = img.shape[0], img.device, self.query_embedding.weight.dtype
+        prev_can = torch.zeros(B, 18, device=dev, dtype=dtype)
         has_prev = torch.zeros(B, dtype=torch.bool, device=dev)
         hist = _history_frames(batch)
         if self.cfg.queue_length <= 1 or hist is None:
@@ -1153,7 +1169,7 @@ class BEVFormer(nn.Module):
                 v = valid[:, t].to(dev)
                 if not bool(v.any()):
                     continue
-                can = _can_bus(fr, B, dev)
+                can = _can_bus(fr, B, dev, dtype)
                 delta = can_bus_delta(can, prev_can, has_prev, wrap_angle=not self.cfg.official_quirks)
                 bev, _ = self.frame_bev(fr['img'].to(dev), _img_shape(fr, B, dev), fr['lidar2img'].to(dev),
                                         delta, prev, has_prev)
@@ -1178,7 +1194,7 @@ class BEVFormer(nn.Module):
         img = batch['img']
         B, dev = img.shape[0], img.device
         prev_bev, prev_can, has_prev = self.history_bev(batch)
-        can = _can_bus(batch, B, dev)
+        can = _can_bus(batch, B, dev, prev_can.dtype)
         delta = can_bus_delta(can, prev_can, has_prev, wrap_angle=not self.cfg.official_quirks)
         bev, fpn = self.frame_bev(img, _img_shape(batch, B, dev), batch['lidar2img'], delta, prev_bev, has_prev)
         out = self._outputs(bev, fpn)
@@ -1196,7 +1212,7 @@ class BEVFormer(nn.Module):
         Hungarian matching (architecture.md 2.11). Returns {loss_cls_i, loss_bbox_i} scalars."""
         cfg = self.cfg
         like = out['dec'][-1]['cls']                     # not out['bev']: DETR3D shares this loss
-        gt_boxes = [g.to(like.device).float() for g in batch['gt_boxes']]
+        gt_boxes = [g.to(like.device, _at_least_fp32(like).dtype) for g in batch['gt_boxes']]
         gt_labels = [g.to(like.device).long() for g in batch['gt_labels']]
         avg = _num_pos_average(sum(int(g.shape[0]) for g in gt_boxes), like.device)
         targets = [encode_boxes(g) for g in gt_boxes]
@@ -1205,7 +1221,7 @@ class BEVFormer(nn.Module):
                        alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
         losses = {}
         for lid, d in enumerate(out['dec']):
-            cls, box = d['cls'].float(), d['box'].float()
+            cls, box = _at_least_fp32(d['cls']), _at_least_fp32(d['box'])
             B, Q, K = cls.shape
             labels = torch.full((B, Q), cfg.num_classes, dtype=torch.long, device=cls.device)
             box_t = torch.zeros_like(box)
@@ -1254,12 +1270,13 @@ class BEVFormer(nn.Module):
         scene_token resets it (official video_test_mode). Returns {'boxes', 'scores', 'labels',
         'state'}."""
         cfg = self.cfg
-        dev = self.bev_embedding.weight.device
-        img, lidar2img = img.to(dev).float(), lidar2img.to(dev).float()
+        dev, dtype = self.bev_embedding.weight.device, self.bev_embedding.weight.dtype
+        img, lidar2img = img.to(dev, dtype), lidar2img.to(dev, dtype)
         if img_shape is None:
             img, lidar2img, img_shape = prepare_images(img, lidar2img, cfg)
         img_shape = torch.as_tensor(img_shape, device=dev).view(1, 2)
-        can = (torch.zeros(18, device=dev) if can_bus is None else torch.as_tensor(can_bus, device=dev).float())[None]
+        can = (torch.zeros(18, device=dev, dtype=dtype) if can_bus is None
+               else torch.as_tensor(can_bus, device=dev).to(dtype))[None]
         if state is not None and scene_token is not None and state.get('scene_token') != scene_token:
             state = None                                                     # scene change: reset
         if cfg.queue_length == 1:
@@ -1283,13 +1300,15 @@ class BEVFormer(nn.Module):
 
 
 def prepare_images(img, lidar2img, cfg):
-    """img [N, 3, H, W] -> resized to cfg.image_size (antialiased bilinear) and zero-padded to a
-    multiple of cfg.pad_to; lidar2img left-multiplied by diag(sx, sy, 1, 1). Returns
-    (img [N, 3, Hp, Wp], lidar2img [N, 4, 4], (H, W) content)."""
+    """img [N, 3, H, W] -> resized to cfg.image_size as the preset's loader resizes (data.resize_images:
+    bilinear, antialiased only for image_loading='fast') and zero-padded to a multiple of cfg.pad_to;
+    lidar2img left-multiplied by diag(sx, sy, 1, 1). Returns (img [N, 3, Hp, Wp], lidar2img [N, 4, 4],
+    (H, W) content)."""
+    from data import resize_images
     W, H = cfg.image_size
     h0, w0 = img.shape[-2:]
     if (w0, h0) != (W, H):
-        img = F.interpolate(img, size=(H, W), mode='bilinear', align_corners=False, antialias=True)
+        img = resize_images(img, (W, H), antialias=cfg.image_loading == 'fast')
         scale = torch.diag(lidar2img.new_tensor([W / w0, H / h0, 1.0, 1.0]))
         lidar2img = scale @ lidar2img
     Wp, Hp = cfg.padded_size
@@ -1307,9 +1326,14 @@ def _img_shape(d, B, dev):
     return s.reshape(-1, 2)[:, :2].expand(B, 2) if s.numel() == 2 else s.reshape(B, 2)
 
 
-def _can_bus(d, B, dev):
+def _can_bus(d, B, dev, dtype=torch.float32):
     c = d.get('can_bus')
-    return torch.zeros(B, 18, device=dev) if c is None else torch.as_tensor(c, device=dev).float().view(B, 18)
+    return torch.zeros(B, 18, device=dev, dtype=dtype) if c is None else torch.as_tensor(c, device=dev).to(dtype).view(B, 18)
+
+
+def _at_least_fp32(t):
+    """float16/bfloat16 (autocast) -> float32; float32 and float64 as they are (the loss in float64 for checks)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _history_frames(batch):
@@ -1336,8 +1360,11 @@ def _history_frames(batch):
 # Presets (architecture.md section 1; fd3d.md for the paper's apprentices and expert)
 # ---------------------------------------------------------------------------------------------
 
+# the official recipe's input pipeline (architecture.md 1, 2.1, 7.3): full decode and mmcv's bilinear resize,
+# PhotoMetricDistortion in training, zeros for can_bus[7:16] where the CAN-bus expansion has no data
+OFFICIAL_INPUT = dict(image_loading='official', photometric=True, can_bus_fallback='zeros')
 _OFFICIAL = dict(embed_dims=256, ffn_dims=512, num_heads=8, enc_layers=3, dec_layers=6, num_query=900,
-                 grid_mask=True, official_quirks=True)
+                 grid_mask=True, official_quirks=True, **OFFICIAL_INPUT)
 
 # a ResNet trained from scratch (the CPU presets of both detectors): nothing frozen, BatchNorm on batch
 # statistics (freezing a randomly initialised stem, as the official presets do with ImageNet weights, hurts)

@@ -17,20 +17,31 @@ frames of the same scene (oldest first), each with `img`, `img_shape`, `lidar2im
 `scene_token`, `timestamp`, `sample_token`.
 
 Differences from the official pipeline (mmdet3d info pkl + BEVFormer dataset), all on purpose:
-* Images are read as RGB by PIL (the official loader reads BGR with OpenCV); models normalise.
+* Images are read as RGB by PIL (the official loader reads BGR with OpenCV); models normalise (the
+  caffe presets flip to BGR first). A preset chooses how images are decoded and resized
+  (`image_loading`, see `load_image`): 'official' decodes in full and resizes bilinearly without
+  antialiasing, as mmcv's imresize (cv2 INTER_LINEAR) does; 'fast' (the CPU presets) decodes JPEGs at
+  1/2, 1/4 or 1/8 scale where that is exact and resizes with antialiasing.
 * Boxes keep nuScenes' own yaw (contract); the official `-yaw - pi/2` is converted only when loading
   official checkpoints.
-* Without the CAN-bus expansion, can_bus[7:16] is derived from the ego poses (see `can_bus`).
+* Without the CAN-bus expansion a preset chooses can_bus[7:16] (`can_bus_fallback`): the official
+  zeros, or values derived from the ego poses (the CPU presets; see `can_bus`).
 * The training history is drawn from the previous T frames as in BEVFormer, but frames of another scene
-  are dropped instead of being run and reset (same effect on the model: no usable prev_bev).
+  are dropped instead of being run and reset (same effect on the model: no usable prev_bev). As in the
+  official training set, a sample is drawn again when any frame of its queue has no GT.
+* For distillation the loader can also serve a second model's view of every sample (`apprentice`): its
+  own image size, image loading, history length and draw, and CAN bus, from the same files and the same
+  photometric draws, so that the apprentice trains on exactly the pixels it is evaluated on.
 """
 import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pyquaternion import Quaternion
 
@@ -126,52 +137,112 @@ def split_scene_names(version, split):
 # ----------------------------------------------------------------------------------------------------------
 # Per-frame pieces.
 
-def load_image(path, size):
-    """RGB float32 [H, W, 3] in 0..255 resized to size = (W, H) (bilinear), and the file's own (W, H).
-    JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale first when the target is that much smaller (much
-    faster on 1600x900 images); it is used only when that scale divides the file's size exactly, so the
-    pixels keep the geometry of a plain resize (225 rows at 1/2 would not)."""
+IMAGE_LOADING = ('official', 'fast')
+
+
+def resize_images(img, size, antialias):
+    """img float [..., 3, H, W] -> [..., 3, h, w] at size = (W, H): bilinear with half-pixel centres
+    (pixel i at i + 0.5). antialias=False is mmcv's `imresize` (cv2 INTER_LINEAR) that the official
+    pipeline applies to float images: each output pixel mixes its two nearest inputs per axis.
+    antialias=True widens the filter by the scale when shrinking (no aliasing). One function for the
+    loader, `predict` and the Distiller's downscale, so that all three make the same pixels."""
+    W, H = int(size[0]), int(size[1])
+    if tuple(img.shape[-2:]) == (H, W):
+        return img
+    x = img.reshape(-1, *img.shape[-3:])
+    x = F.interpolate(x, size=(H, W), mode='bilinear', align_corners=False, antialias=antialias)
+    return x.view(*img.shape[:-2], H, W)
+
+
+def load_image(path, size, loading='official', distort=None):
+    """RGB float32 [H, W, 3] in 0..255 at size = (W, H) (None: the file's size), and the file's (W, H).
+
+    loading 'official' (BEVFormer's and DETR3D's pipeline): decode the whole file, apply `distort` (the
+    photometric distortion, a function of an RGB float image) at the file's resolution, then resize
+    bilinearly without antialiasing (`resize_images`). The official order is load -> distort ->
+    normalise -> resize -> pad; normalising is per-channel affine and the resize is linear with weights
+    summing to one, so resizing before the model normalises gives the same pixels.
+    loading 'fast' (CPU presets): JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale first when the target
+    is that much smaller (much faster on 1600x900 files), only where that scale divides the file's size
+    exactly so that the pixels keep the geometry of a plain resize; then an antialiased resize, then
+    `distort` at the model's resolution."""
     try:
         with Image.open(path) as f:
             native, im = f.size, f
-            if size is not None and f.format == 'JPEG':
+            if loading == 'fast' and size is not None and f.format == 'JPEG':
                 f.draft('RGB', tuple(size))
                 k = native[0] // f.size[0]
                 if (f.size[0] * k, f.size[1] * k) != native:
                     im = Image.open(path)                   # not an exact 1/k: decode in full
-            rgb = im.convert('RGB')
-            if size is not None and rgb.size != tuple(size):
-                rgb = rgb.resize(tuple(size), Image.BILINEAR)
-            return np.asarray(rgb, dtype=np.float32), native
+            rgb = np.asarray(im.convert('RGB'), dtype=np.float32)
     except (OSError, SyntaxError, ValueError) as e:   # PIL raises these for truncated or non-image files
         raise InputError('%s: cannot read the image (%s); expected a readable JPEG/PNG' % (path, e)) from None
+    if distort is not None and loading == 'official':
+        rgb = distort(rgb)
+    if size is not None and (rgb.shape[1], rgb.shape[0]) != tuple(size):
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)            # [3, H, W]
+        rgb = resize_images(x, size, antialias=loading == 'fast').permute(1, 2, 0).numpy()
+    if distort is not None and loading == 'fast':
+        rgb = distort(rgb)
+    return np.ascontiguousarray(rgb, dtype=np.float32), native
+
+
+def rgb_to_hsv(img):
+    """RGB float [..., 3] -> HSV as OpenCV computes it for float images: H in degrees [0, 360),
+    S = (max - min) / |max| in [0, 1], V = max (in the input's units, here 0..255)."""
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    v = img.max(-1)
+    diff = v - img.min(-1)
+    eps = np.float32(np.finfo(np.float32).eps)
+    s = diff / (np.abs(v) + eps)
+    k = np.float32(60.0) / (diff + eps)
+    h = np.where(v == r, (g - b) * k, np.where(v == g, (b - r) * k + 120, (r - g) * k + 240))
+    h = np.where(h < 0, h + 360, h)
+    return np.stack([h, s, v], -1).astype(np.float32)
+
+
+def hsv_to_rgb(hsv):
+    """The inverse of `rgb_to_hsv` (OpenCV's float HSV -> RGB: six hue sectors of 60 degrees)."""
+    h, s, v = hsv[..., 0] / np.float32(60.0), hsv[..., 1], hsv[..., 2]
+    h = np.mod(h, 6)
+    sector = np.floor(h).astype(np.int64) % 6
+    f = h - np.floor(h)
+    tab = np.stack([v, v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))], -1)       # [..., 4]
+    # (r, g, b) indices into tab for each sector (red -> yellow -> green -> cyan -> blue -> magenta)
+    order = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+    rgb = np.take_along_axis(tab, order[sector], -1)
+    return np.where((s == 0)[..., None], v[..., None], rgb).astype(np.float32)
 
 
 def photometric_distortion(img, rng):
-    """BEVFormer's PhotoMetricDistortionMultiViewImage on one RGB float image [H, W, 3] (0..255): random
-    brightness (+-32), contrast (x0.5..1.5, before or after the colour steps), saturation (x0.5..1.5) and
-    hue (+-18 deg), each with probability 1/2, then a random channel swap with probability 1/2. Saturation
-    and hue act in YIQ space (a rotation of the chroma plane) instead of OpenCV's HSV: same intent,
-    vectorised, no OpenCV. Clipped back to 0..255."""
+    """BEVFormer's PhotoMetricDistortionMultiViewImage (mmdet's PhotoMetricDistortion per camera) on one
+    RGB float image [H, W, 3] in 0..255: brightness +-32 with probability 1/2; contrast x0.5..1.5 with
+    probability 1/2, either first or last (a coin); in HSV (OpenCV's float convention, `rgb_to_hsv`)
+    saturation x0.5..1.5 and hue +-18 degrees (wrapped to [0, 360)), each with probability 1/2; a random
+    channel permutation with probability 1/2. No clipping, as in the official code (the model normalises
+    whatever comes). The official code works on BGR; hue and the permutation are symmetric in the channel
+    order, so the distribution is the same."""
     def coin():
-        return rng.random() < 0.5
+        return rng.integers(2) == 1
+    img = img.astype(np.float32, copy=True)
     if coin():
-        img = img + rng.uniform(-32, 32)
+        img += np.float32(rng.uniform(-32, 32))
     contrast_first = coin()
     if contrast_first and coin():
-        img = img * rng.uniform(0.5, 1.5)
-    sat = rng.uniform(0.5, 1.5) if coin() else 1.0
-    hue = np.deg2rad(rng.uniform(-18, 18)) if coin() else 0.0
-    if sat != 1.0 or hue != 0.0:
-        to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
-        c, s = np.cos(hue) * sat, np.sin(hue) * sat
-        m = np.linalg.inv(to_yiq) @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32) @ to_yiq
-        img = img @ m.T.astype(np.float32)
+        img *= np.float32(rng.uniform(0.5, 1.5))
+    hsv = rgb_to_hsv(img)
+    if coin():
+        hsv[..., 1] *= np.float32(rng.uniform(0.5, 1.5))
+    if coin():
+        hsv[..., 0] += np.float32(rng.uniform(-18, 18))
+        hsv[..., 0] = np.where(hsv[..., 0] > 360, hsv[..., 0] - 360, hsv[..., 0])
+        hsv[..., 0] = np.where(hsv[..., 0] < 0, hsv[..., 0] + 360, hsv[..., 0])
+    img = hsv_to_rgb(hsv)
     if not contrast_first and coin():
-        img = img * rng.uniform(0.5, 1.5)
+        img *= np.float32(rng.uniform(0.5, 1.5))
     if coin():
         img = img[..., rng.permutation(3)]
-    return np.clip(img, 0, 255)
+    return np.ascontiguousarray(img)
 
 
 def pad_to(img, multiple=PAD):
@@ -184,21 +255,64 @@ def pad_to(img, multiple=PAD):
 # ----------------------------------------------------------------------------------------------------------
 # The dataset.
 
+CAN_BUS_FALLBACK = ('zeros', 'poses')
+HISTORY_DRAW = ('random', 'previous')
+
+
+@dataclass(frozen=True)
+class View:
+    """How one model sees the data (a preset owns these; `view_of` reads them from a config).
+
+    image_size (W, H) the images are resized to (None: the files' size); image_loading 'official' or
+    'fast' (`load_image`); queue_length T (T - 1 history frames); history_draw, how training draws them
+    ('random': BEVFormer's T - 1 of the previous T frames; 'previous': the T - 1 frames just before, as
+    evaluation); can_bus_fallback, can_bus[7:16] where the CAN-bus expansion has no data ('zeros': the
+    official converter; 'poses': derived from the ego poses)."""
+    image_size: tuple = None
+    image_loading: str = 'official'
+    queue_length: int = 1
+    history_draw: str = 'random'
+    can_bus_fallback: str = 'poses'
+
+    def __post_init__(self):
+        if self.image_size is not None:
+            object.__setattr__(self, 'image_size', (int(self.image_size[0]), int(self.image_size[1])))
+        for ok, msg in [(self.image_loading in IMAGE_LOADING, 'image_loading %r: expected one of %s'
+                         % (self.image_loading, ', '.join(IMAGE_LOADING))),
+                        (self.queue_length >= 1, 'queue_length %d: expected >= 1' % self.queue_length),
+                        (self.history_draw in HISTORY_DRAW, 'history_draw %r: expected one of %s'
+                         % (self.history_draw, ', '.join(HISTORY_DRAW))),
+                        (self.can_bus_fallback in CAN_BUS_FALLBACK, 'can_bus_fallback %r: expected one of %s'
+                         % (self.can_bus_fallback, ', '.join(CAN_BUS_FALLBACK)))]:
+            if not ok:
+                raise InputError(msg)
+
+
+def view_of(cfg, **overrides):
+    """The View a model config asks for (its preset's fields), with overrides (e.g. queue_length=1)."""
+    kw = {f.name: getattr(cfg, f.name) for f in fields(View) if hasattr(cfg, f.name)}
+    kw.update(overrides)
+    return View(**kw)
+
+
 class NuScenesDataset(torch.utils.data.Dataset):
     """Samples of one split of a nuScenes-format root, in time order per scene (scenes by start time).
 
     dataroot: folder holding `<version>/*.json`, `samples/`, `maps/` (and optionally `can_bus/`).
     image_size: (W, H) the images are resized to (anisotropic allowed; None keeps the native size).
     queue_length: T, the number of frames seen by the model (T - 1 history frames, 1 = none).
-    train: draw history frames as BEVFormer does and skip samples without GT; False (evaluation) takes
-           the immediately preceding frames and keeps every sample.
+    train: draw history frames as BEVFormer does and draw another sample when a frame of the queue has
+           no GT; False (evaluation) takes the immediately preceding frames and keeps every sample.
     photometric: photometric distortion of every image (training augmentation).
-    history_draw: how training draws its history: 'random' (BEVFormer: T-1 of the previous T frames) or
-           'previous' (the T-1 immediately preceding frames, as in evaluation).
+    history_draw, image_loading, can_bus_fallback: see `View` (a preset owns them: `view_of(cfg)`).
+    apprentice: a second View (or a dict of its fields): every item also carries item['apprentice'],
+           that model's own img, img_shape, lidar2img, can_bus, queue_length and history, drawn with its
+           own rule from the same sample, with the same photometric draws (distillation).
     """
 
     def __init__(self, dataroot, version='auto', split='val', image_size=None, queue_length=1, train=False,
-                 photometric=False, history_draw='random'):
+                 photometric=False, history_draw='random', image_loading='official', can_bus_fallback='poses',
+                 apprentice=None):
         from nuscenes.nuscenes import NuScenes
         version = resolve_version(dataroot, version, split)
         table_dir = os.path.join(dataroot, version)
@@ -207,19 +321,16 @@ class NuScenesDataset(torch.utils.data.Dataset):
             raise InputError('%s: folder not found; expected the %s tables there (versions present: %s)'
                              % (table_dir, version, ', '.join(found) or 'none'))
         names = split_scene_names(version, split)
-        if queue_length < 1:
-            raise InputError('queue_length %d: expected >= 1' % queue_length)
-        if history_draw not in ('random', 'previous'):
-            raise InputError("history_draw %r: expected 'random' or 'previous'" % (history_draw,))
+        self.view = View(image_size, image_loading, int(queue_length), history_draw, can_bus_fallback)
+        self.apprentice = View(**apprentice) if isinstance(apprentice, dict) else apprentice
         try:
             self.nusc = NuScenes(version=version, dataroot=dataroot, verbose=False)
         except (OSError, AssertionError, KeyError, ValueError) as e:
             raise InputError('%s: cannot load the nuScenes tables (%s: %s)'
                              % (table_dir, type(e).__name__, e)) from None
         self.dataroot, self.version, self.split = dataroot, version, split
-        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
-        self.queue_length, self.train, self.photometric = int(queue_length), bool(train), bool(photometric)
-        self.history_draw = history_draw
+        self.image_size, self.queue_length = self.view.image_size, self.view.queue_length
+        self.train, self.photometric = bool(train), bool(photometric)
 
         scenes = [s for s in self.nusc.scene if s['name'] in names]
         if not scenes:
@@ -287,15 +398,17 @@ class NuScenesDataset(torch.utils.data.Dataset):
             out.append(np.diag([scale[n][0], scale[n][1], 1.0, 1.0]) @ K @ cam_T_global @ global_T_lidar)
         return torch.tensor(np.stack(out), dtype=torch.float32)
 
-    def can_bus(self, index):
+    def can_bus(self, index, fallback=None):
         """[18] absolute can_bus of BEVFormer's layout (architecture.md 7.3): 0-2 ego position (global, the
         LIDAR_TOP sample_data's ego pose), 3-6 ego rotation (w, x, y, z), 7-9 acceleration, 10-12 rotation
         rate, 13-15 velocity (ego frame), 16 yaw in rad [0, 2pi), 17 the same yaw in degrees.
         7-15 come from the CAN-bus expansion when present (pose message; accel, rotation rate and velocity
         from the first message after the sample, as the official converter does); otherwise from the
-        ego poses of the neighbouring samples of the same scene: velocity by central difference, rotation
-        rate as the yaw rate about z, acceleration by second difference plus gravity on z (an IMU measures
-        +9.81 m/s^2 upwards at rest, like the CAN pose message)."""
+        `fallback` (default: the dataset's can_bus_fallback): 'zeros', as the official converter writes
+        for a dataset or scene without CAN data, or 'poses': from the ego poses of the neighbouring
+        samples of the same scene: velocity by central difference, rotation rate as the yaw rate about
+        z, acceleration by second difference plus gravity on z (an IMU measures +9.81 m/s^2 upwards at
+        rest, like the CAN pose message)."""
         sample = self.nusc.get('sample', self.sample_tokens[index])
         _, _, pose = self._lidar_pose(sample)
         rot = Quaternion(pose['rotation'])
@@ -306,7 +419,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
         out[16], out[17] = yaw, np.rad2deg(yaw)
         motion = self._can_motion(sample) if self._can is not None else None
         if motion is None:
-            motion = self._pose_motion(index)
+            zeros = (fallback or self.view.can_bus_fallback) == 'zeros'
+            motion = np.zeros(9) if zeros else self._pose_motion(index)
         out[7:16] = motion
         return torch.tensor(out, dtype=torch.float32)
 
@@ -377,15 +491,19 @@ class NuScenesDataset(torch.utils.data.Dataset):
 
     # -- items ---------------------------------------------------------------------------------------------
 
-    def frame(self, index, rng=None):
-        """One frame (no GT, no history): img, img_shape, lidar2img, can_bus, tokens, timestamp."""
+    def frame(self, index, view=None, seed=None):
+        """One frame as `view` sees it (no GT, no history): img, img_shape, lidar2img, can_bus, tokens,
+        timestamp. seed: the item's photometric seed (None: no distortion); the draws depend only on
+        (seed, frame), so two views of one frame are distorted alike."""
+        view = view or self.view
         sample = self.nusc.get('sample', self.sample_tokens[index])
+        rng = None if seed is None else np.random.default_rng([seed, index])
+        distort = None if rng is None else (lambda im: photometric_distortion(im, rng))
         imgs, scale = [], []
         for cam in CAMERAS:
             sd = self.nusc.get('sample_data', sample['data'][cam])
-            img, (w0, h0) = load_image(os.path.join(self.dataroot, sd['filename']), self.image_size)
-            if rng is not None:
-                img = photometric_distortion(img, rng)
+            img, (w0, h0) = load_image(os.path.join(self.dataroot, sd['filename']), view.image_size,
+                                       view.image_loading, distort)
             scale.append((img.shape[1] / w0, img.shape[0] / h0))      # the intrinsics are for the file's size
             imgs.append(img)
         shapes = {im.shape for im in imgs}
@@ -395,42 +513,65 @@ class NuScenesDataset(torch.utils.data.Dataset):
         img = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)    # [N, 3, H, W]
         H, W = img.shape[-2:]
         return {'img': pad_to(img).contiguous(), 'img_shape': (int(H), int(W)),
-                'lidar2img': self.lidar2img(sample, scale), 'can_bus': self.can_bus(index),
+                'lidar2img': self.lidar2img(sample, scale), 'can_bus': self.can_bus(index, view.can_bus_fallback),
                 'sample_token': sample['token'], 'scene_token': sample['scene_token'],
                 'timestamp': int(sample['timestamp'])}
 
-    def history_indices(self, index, generator=None):
-        """Dataset indices of the history frames, oldest first, all of the same scene and earlier.
-        Training (architecture.md 2.13): T-1 frames drawn at random from the previous T; evaluation and
-        history_draw='previous': the T-1 immediately preceding frames. Frames of another scene (and
-        before index 0) are dropped."""
-        T = self.queue_length
+    def queue_draw(self, index, view=None, generator=None):
+        """The dataset indices of a queue's history frames as the official code draws them, oldest first
+        (architecture.md 2.13): in training T-1 frames at random from the previous T ('random'), else the
+        T-1 immediately preceding frames; indices below 0 become 0 (frames of other scenes included)."""
+        view = view or self.view
+        T = view.queue_length
         if T <= 1:
             return []
-        if self.train and self.history_draw == 'random':
+        if self.train and view.history_draw == 'random':
             prev = list(range(index - T, index))
             keep = torch.randperm(T, generator=generator)[:T - 1].tolist()
             prev = sorted(prev[k] for k in keep)
         else:
             prev = list(range(index - T + 1, index))
+        return [max(0, i) for i in prev]
+
+    def same_scene(self, index, draw):
+        """The frames of a queue draw that the model runs: of index's scene, earlier, each once."""
         si = self.scene_index[index]
-        return [i for i in prev if i >= 0 and self.scene_index[i] == si]
+        return sorted({i for i in draw if i < index and self.scene_index[i] == si})
+
+    def history_indices(self, index, generator=None, view=None):
+        """Dataset indices of the history frames, oldest first, all of the same scene and earlier
+        (`queue_draw` without the frames of other scenes)."""
+        return self.same_scene(index, self.queue_draw(index, view, generator))
+
+    def _has_gt(self, index):
+        return len(self.gt(self.nusc.get('sample', self.sample_tokens[index]))[1]) > 0
 
     def __getitem__(self, index):
         if not -len(self) <= index < len(self):
             raise IndexError(index)
         index = index % len(self)
+        views = [self.view] + ([self.apprentice] if self.apprentice is not None else [])
         for _ in range(1000):
+            draws = [self.queue_draw(index, v) for v in views]
             sample = self.nusc.get('sample', self.sample_tokens[index])
             gt_boxes, gt_labels, gt_tokens = self.gt(sample)
-            if not self.train or len(gt_labels):
+            # the official training set draws another sample when ANY frame of the queue has no GT
+            # (filter_empty_gt in prepare_train_data), frames of other scenes included
+            if not self.train or (len(gt_labels) and all(self._has_gt(i) for d in draws for i in set(d) - {index})):
                 break
-            index = int(torch.randint(len(self), ()).item())    # BEVFormer: a sample without GT draws another
-        rng = np.random.default_rng(int(torch.randint(2 ** 31, ()).item())) if self.photometric else None
-        item = self.frame(index, rng)
-        item.update(gt_boxes=gt_boxes, gt_labels=gt_labels, gt_tokens=gt_tokens, index=index,
-                    queue_length=self.queue_length)
-        item['history'] = [self.frame(i, rng) for i in self.history_indices(index)]
+            index = int(torch.randint(len(self), ()).item())
+        seed = int(torch.randint(2 ** 31, ()).item()) if self.photometric else None
+        item = self.view_item(index, self.view, draws[0], seed)
+        item.update(gt_boxes=gt_boxes, gt_labels=gt_labels, gt_tokens=gt_tokens, index=index)
+        if self.apprentice is not None:
+            item['apprentice'] = self.view_item(index, self.apprentice, draws[1], seed)
+        return item
+
+    def view_item(self, index, view, draw, seed):
+        """The current frame and its history frames (of the same scene) as one view sees them."""
+        item = self.frame(index, view, seed)
+        item['queue_length'] = view.queue_length
+        item['history'] = [self.frame(i, view, seed) for i in self.same_scene(index, draw)]
         return item
 
 
@@ -442,6 +583,9 @@ def collate(items):
     batch = {}
     for key in items[0]:
         if key == 'history':
+            continue
+        if key == 'apprentice':                       # a second model's view: collated the same way
+            batch[key] = collate([it[key] for it in items])
             continue
         vals = [it[key] for it in items]
         if key in ('gt_boxes', 'gt_labels', 'gt_tokens'):

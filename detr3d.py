@@ -96,12 +96,14 @@ def sample_reference_features(fpn, uv, mask, attn):
     align_corners=False, as the official F.grid_sample call (pixel i's centre at (i + 0.5) / w)."""
     B, Q, N, _ = uv.shape
     out = 0
-    # fp32 even under autocast: a half-precision grid moves the points by ~0.1 pixel on wide maps
+    # at least fp32 even under autocast: a half-precision grid moves the points by ~0.1 pixel on wide
+    # maps (float64 stays float64)
+    dt = torch.float64 if uv.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=uv.device.type, enabled=False):
-        grid = (2 * uv.float() - 1).transpose(1, 2).reshape(B * N, Q, 1, 2)    # grid_sample's [-1, 1]
-        w = attn.float() * mask.float()[..., None]                              # [B, Q, N, L]
+        grid = (2 * uv.to(dt) - 1).transpose(1, 2).reshape(B * N, Q, 1, 2)     # grid_sample's [-1, 1]
+        w = attn.to(dt) * mask.to(dt)[..., None]                                # [B, Q, N, L]
         for lvl, f in enumerate(fpn):
-            s = F.grid_sample(f.flatten(0, 1).float(), grid, mode='bilinear', padding_mode='zeros',
+            s = F.grid_sample(f.flatten(0, 1).to(dt), grid, mode='bilinear', padding_mode='zeros',
                               align_corners=False)                              # [B*N, C, Q, 1]
             s = torch.nan_to_num(s[..., 0]).view(B, N, -1, Q)                   # [B, N, C, Q]
             out = out + torch.einsum('bncq,bqn->bqc', s, w[..., lvl])
@@ -264,7 +266,8 @@ class DETR3D(nn.Module):
         img = batch['img']
         B, dev = img.shape[0], img.device
         fpn = self.extract_feats(img, bevformer._img_shape(batch, B, dev))
-        return {'fpn': fpn, 'dec': self.decode_queries(fpn, batch['lidar2img'].to(dev).float(), tuple(img.shape[-2:]))}
+        lidar2img = batch['lidar2img'].to(dev, self.query_embedding.weight.dtype)
+        return {'fpn': fpn, 'dec': self.decode_queries(fpn, lidar2img, tuple(img.shape[-2:]))}
 
     @torch.no_grad()
     def predict(self, img, lidar2img, can_bus=None, state=None, img_shape=None, scene_token=None):
@@ -274,8 +277,8 @@ class DETR3D(nn.Module):
         can_bus, state and scene_token are accepted for the common interface and unused (no temporal
         state). Returns {'boxes' [K, 9], 'scores' [K], 'labels' [K], 'state': None}."""
         cfg = self.cfg
-        dev = self.query_embedding.weight.device
-        img, lidar2img = img.to(dev).float(), lidar2img.to(dev).float()
+        dev, dtype = self.query_embedding.weight.device, self.query_embedding.weight.dtype
+        img, lidar2img = img.to(dev, dtype), lidar2img.to(dev, dtype)
         if img_shape is None:
             img, lidar2img, img_shape = bevformer.prepare_images(img, lidar2img, cfg)
         img_shape = torch.as_tensor(img_shape, device=dev).view(1, 2)
@@ -296,7 +299,7 @@ class DETR3D(nn.Module):
 
 _OFFICIAL = dict(image_size=(1600, 900), normalisation='caffe', backbone_style='caffe', backbone_out=(1, 2, 3),
                  fpn_levels=4, embed_dims=256, ffn_dims=512, num_heads=8, dec_layers=6, num_query=900,
-                 grid_mask=True)
+                 grid_mask=True, **bevformer.OFFICIAL_INPUT)
 
 PRESETS = {
     # official detr3d_res101_gridmask.py: R101-DCN (caffe), FPN C3-C5 + 1 extra (strides 8..64), 1600x900

@@ -11,7 +11,7 @@ read top to bottom beside the paper's overview figure:
   3. training-only modules: generators, the learned BEV upsampler, 1x1 adapters
   4. losses: masked generation (PV, BEV), focal distillation at the expert's sampling points, baselines
   5. aligned queries: the expert's own decoder is the frozen "distillation head"
-  6. inputs: one batch at the expert's resolution, an anti-aliased downscale for the apprentice
+  6. inputs: each model's own view of a sample (resolution, history, CAN bus) from one loaded batch
   7. the Distiller module (modes fd3d | heatmap | fitnet | mgd | none)
   8. pictures of the focal areas and sampling points
   9. CLI: `python distill.py bench` (time breakdown) and `python distill.py table` (the miniature table)
@@ -399,19 +399,37 @@ def init_head_from_expert(apprentice, expert):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Inputs: the loader reads at the expert's resolution; the apprentice gets an anti-aliased downscale
+# 6. Inputs: each model sees the data as its own preset loads it (data.View), from one loaded batch
 # ----------------------------------------------------------------------------------------------------
+
+def loader_views(cfg_e, cfg_a, expert_input='native'):
+    """(the loader's view, the apprentice's view or None) for training a distilled apprentice.
+
+    'native' (ours): the loader reads every sample at the expert's resolution with the expert's history
+    and also serves the apprentice's own view (its size, image loading, history length and draw, CAN bus;
+    data.NuScenesDataset(apprentice=...)), so the apprentice trains on exactly the pixels its evaluation
+    loads. 'upsampled' reproduces the released code (specs/fd3d-evidence.md 1.3): the loader reads at
+    the apprentice's resolution with the longer queue of the two, and the expert gets those images
+    upsampled (`model_inputs`)."""
+    import data
+    if expert_input == 'upsampled':
+        return data.view_of(cfg_a, queue_length=max(cfg_e.queue_length, cfg_a.queue_length)), None
+    return data.view_of(cfg_e), data.view_of(cfg_a)
+
 
 def rescale_frame(frame, cfg):
     """A frame (img [..., N, 3, Hp, Wp], img_shape, lidar2img [..., N, 4, 4]) at one resolution -> the
-    same frame at cfg.image_size: content resized (anti-aliased bilinear), padded as the preset pads,
-    lidar2img left-multiplied by diag(sx, sy, 1, 1) (bevformer.prepare_images). Other keys are shared."""
+    same frame at cfg.image_size: content resized as the preset's loader resizes (bevformer.prepare_images:
+    bilinear, antialiased for image_loading='fast'), padded as the preset pads, lidar2img left-multiplied
+    by diag(sx, sy, 1, 1). Other keys are shared; a frame already at that size is returned as it is."""
     img, l2i = frame['img'], frame['lidar2img']
     lead, N = img.shape[:-4], img.shape[-4]
     shape = torch.as_tensor(frame['img_shape']).reshape(-1, 2)
     if not bool((shape == shape[0]).all()):
         raise ValueError('distill: every image of a batch must have the same content size')
     H, W = int(shape[0, 0]), int(shape[0, 1])
+    if (W, H) == tuple(cfg.image_size) and tuple(img.shape[-2:][::-1]) == tuple(cfg.padded_size):
+        return dict(frame)
     content = img[..., :H, :W].reshape(-1, 3, H, W).float()  # [B*N (*T), 3, H, W]
     new_img, new_l2i, (h, w) = bevformer.prepare_images(content, l2i.reshape(-1, 4, 4).float(), cfg)
     out = dict(frame)
@@ -422,13 +440,14 @@ def rescale_frame(frame, cfg):
 
 
 def inputs_for(batch, cfg, frames=None):
-    """The batch as one model consumes it: its resolution, its own history length (the loader serves the
-    longer queue of the two models; the last queue_length - 1 history frames are kept)."""
+    """The batch as one model consumes it: its resolution, its own history length (a longer served queue
+    keeps its last queue_length - 1 history frames)."""
     out = rescale_frame(batch, cfg)
     keep = cfg.queue_length - 1 if frames is None else frames
     hist = batch.get('history')
     out.pop('history', None)
     out.pop('history_valid', None)
+    out.pop('apprentice', None)
     if keep > 0 and hist:
         if isinstance(hist, dict):  # data.collate's layout: [B, T-1, ...] tensors
             T = hist['img'].shape[1]
@@ -446,14 +465,19 @@ def inputs_for(batch, cfg, frames=None):
 def model_inputs(batch, cfg_e, cfg_a, expert_input='native'):
     """(batch for the expert, batch for the apprentice) from one loaded batch.
 
-    'native' (ours): the expert sees the loader's full-resolution images. 'upsampled' reproduces the
-    released code, where the expert saw the apprentice's images upsampled (specs/fd3d-evidence.md 1.3).
-    """
-    batch_a = inputs_for(batch, cfg_a)
+    A batch that carries the apprentice's own view (`loader_views`, 'native') gives each model its own;
+    'upsampled' gives the expert the loaded (apprentice-size) images upsampled, as the released code did.
+    A batch without a view (direct use, benchmarks) is rescaled for the apprentice the way its loader
+    would resize it, which gives the same pixels whenever the batch holds the files at their own size."""
     if expert_input == 'upsampled':
         longest = max(cfg_e.queue_length, cfg_a.queue_length) - 1
-        return inputs_for(inputs_for(batch, cfg_a, longest), cfg_e), batch_a
-    return inputs_for(batch, cfg_e), batch_a
+        small = inputs_for(batch, cfg_a, longest)  # the apprentice's images (as loaded, or downscaled)
+        return inputs_for(small, cfg_e), inputs_for(small, cfg_a)
+    if 'apprentice' in batch:
+        batch_a = {k: v for k, v in batch.items() if k != 'apprentice'}
+        batch_a.update(batch['apprentice'])       # its own img, lidar2img, can_bus, history
+        return inputs_for(batch, cfg_e), inputs_for(batch_a, cfg_a)
+    return inputs_for(batch, cfg_e), inputs_for(batch, cfg_a)
 
 
 def pair_levels(a_strides, e_strides):
@@ -791,6 +815,7 @@ def _draw_pv_focal(d, batch_e, batch_a, out_e, out_a, sel, boxes, path):
 def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, out_dir, device):
     """`evaluate.py --ckpt A.pt --vis-focal K [--teacher E.pt]`: K pictures (vis_focal) spread over the
     split under out_dir. The expert is --teacher or the one recorded in the checkpoint's arguments."""
+    import dataclasses
     import os
 
     import data
@@ -804,8 +829,9 @@ def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, 
                   select=args.get('fd3d_select', 'matched+confident'), score=args.get('fd3d_score', 0.3),
                   box_scale=args.get('fd3d_box_scale', 1.2), areas=args.get('fd3d_areas', 'pred'),
                   expert_input=args.get('kd_expert_input', 'native'))
-    ds = data.NuScenesDataset(dataroot, version=version, split=split, image_size=tuple(expert.cfg.image_size),
-                              queue_length=max(expert.cfg.queue_length, apprentice.cfg.queue_length), train=False)
+    view, apprentice_view = loader_views(expert.cfg, apprentice.cfg, d.expert_input)
+    ds = data.NuScenesDataset(dataroot, version=version, split=split, train=False, apprentice=apprentice_view,
+                              **dataclasses.asdict(view))
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for i in sorted({int(j) for j in torch.linspace(0, len(ds) - 1, max(1, k))}):

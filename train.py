@@ -89,6 +89,9 @@ def make_parser():
     g.add_argument('--version', default='auto', help='v1.0-mini or v1.0-trainval (train on train, evaluate on val); '
                    'auto: the one whose tables are in --dataroot (trainval first)')
     g.add_argument('--workers', type=int, default=2, help='data-loading processes per training process')
+    g.add_argument('--photometric', action=argparse.BooleanOptionalAction, default=None,
+                   help="photometric distortion of the training images (default: the preset's choice: on for "
+                        "the official and paper presets, as in the official recipes; off for the CPU presets)")
     g = p.add_argument_group('schedule and optimiser')
     g.add_argument('--iters', type=int, default=3600,
                    help='training iterations (ignored when --epochs is given); 3600 x batch 1 = the default CPU run')
@@ -361,7 +364,7 @@ def train(args, explicit=()):
     # and its forward returns the loss dict. Its own trainable parts (generators, adapters) are
     # trained with the apprentice and stored under the checkpoint's 'distiller' key.
     # The loader reads at the expert's resolution and serves the longer history of the two models.
-    distiller, load_size, load_queue = None, tuple(cfg.image_size), cfg.queue_length
+    distiller, load_view, apprentice_view = None, data.view_of(cfg), None
     if args.teacher:
         expert, _, _ = evaluate.model_from_checkpoint(args.teacher, '--teacher')
         distiller = distill.Distiller(
@@ -371,7 +374,7 @@ def train(args, explicit=()):
             pv_norm=args.fd3d_pv_norm, w_pv=args.fd3d_w_pv, w_bev=args.fd3d_w_bev, w_focal=args.fd3d_w_focal,
             w_fitnet=args.kd_w_fitnet, w_heatmap=args.kd_w_heatmap, w_cwd=args.kd_w_cwd,
             expert_input=args.kd_expert_input, init_head=args.init_head_from_expert and ckpt is None).to(device)
-        load_size, load_queue = tuple(expert.cfg.image_size), max(cfg.queue_length, expert.cfg.queue_length)
+        load_view, apprentice_view = distill.loader_views(expert.cfg, cfg, args.kd_expert_input)
         if ckpt is not None and 'distiller' in ckpt:
             distiller.kd.load_state_dict(ckpt['distiller'])
     # ---------------------------------------------------------------------------------------------
@@ -387,12 +390,12 @@ def train(args, explicit=()):
         if world > 1:
             dist.barrier()
     args.version = data.resolve_version(args.dataroot, args.version)     # 'auto' -> the folder's version
-    train_set = data.NuScenesDataset(args.dataroot, version=args.version, split='train',
-                                     image_size=load_size, queue_length=load_queue, train=True,
-                                     history_draw=getattr(cfg, 'history_draw', 'random'))
+    # photometric distortion: the trained model's preset decides unless --photometric/--no-photometric
+    photometric = getattr(cfg, 'photometric', False) if args.photometric is None else args.photometric
+    train_set = data.NuScenesDataset(args.dataroot, version=args.version, split='train', train=True,
+                                     photometric=photometric, apprentice=apprentice_view, **vars_of(load_view))
     val_set = None if args.no_eval and not args.eval_every else data.NuScenesDataset(
-        args.dataroot, version=args.version, split='val', image_size=tuple(cfg.image_size), queue_length=1,
-        train=False)
+        args.dataroot, version=args.version, split='val', train=False, **vars_of(data.view_of(cfg, queue_length=1)))
     per_epoch = len(train_set) // world // args.batch_size
     if per_epoch == 0:
         raise InputError(f'--batch-size {args.batch_size}: the train split has only {len(train_set)} samples '
@@ -582,6 +585,11 @@ def train(args, explicit=()):
             say(f'total wall time {(time.perf_counter() - t_start) / 60:.1f} min')
             evaluate.print_last_line(summary)
     return {'iter': total, 'interrupted': False, 'summary': summary}
+
+
+def vars_of(view):
+    """A data.View as NuScenesDataset's keyword arguments."""
+    return dataclasses.asdict(view)
 
 
 def broadcast(value):

@@ -3,8 +3,10 @@ geometry and the official formula, the rotation against a hand-computed nearest 
 matcher, the box code and the official yaw against the devkit Box, strict official-checkpoint
 loading against the key manifests, batch == one by one, the test-time BEV cache.
 Slow: overfitting one synthetic sample, real input sizes of fd3d-tiny and base."""
+import copy
 import itertools
 import math
+import types
 
 import numpy as np
 import pytest
@@ -386,17 +388,34 @@ def _randomize_attention(model, std=0.05):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * std)
 
 
-def test_batch_of_two_equals_one_by_one():
-    cfg = small_cfg(official_quirks=False)
+SHRINK = dict(image_size=(96, 54), bev_h=12, bev_w=12, num_query=30, enc_layers=2, dec_layers=2, embed_dims=32,
+              ffn_dims=64, num_heads=4, dropout=0.0, queue_length=2)
+BATCH_FAMILIES = {   # every preset family, shrunk: the official-quirk presets (single- and multi-level, DCN) too
+    'cpu-tiny': dict(backbone_width=16),
+    'tiny': dict(backbone_depth=18, backbone_width=8),
+    'base': dict(backbone_depth=50, backbone_width=8, queue_length=3),
+    'fd3d-small': dict(backbone_depth=50, backbone_width=8),
+}
+
+
+@pytest.mark.parametrize('history', [True, False])
+@pytest.mark.parametrize('preset', list(BATCH_FAMILIES))
+def test_batch_of_two_equals_one_by_one(preset, history):
+    """A batch of two gives each sample what it gets alone, with and without a previous BEV, also under
+    the official quirks (the official B = 1 shortcuts, TSA value[:B] and SCA's index lists from sample
+    0, would mix the samples here)."""
+    cfg = bf.get_config(preset, **{**SHRINK, **BATCH_FAMILIES[preset]})
     torch.manual_seed(0)
     model = bf.BEVFormer(cfg).eval()
     _randomize_attention(model)
-    batch = bf.example_batch(cfg, batch_size=2, seed=1)
-    batch['history_valid'][1, 0] = False                               # sample 1: a shorter history
+    batch = bf.example_batch(cfg, batch_size=2, seed=1, history=history)
+    if history:
+        batch['history_valid'][1, 0] = False                           # sample 1: a shorter history
     turn = torch.eye(4)                                                # sample 1: the rig turned by 0.5 rad
     turn[:2, :2] = torch.tensor([[math.cos(0.5), -math.sin(0.5)], [math.sin(0.5), math.cos(0.5)]])
     batch['lidar2img'][1] = batch['lidar2img'][1] @ turn
-    batch['history']['lidar2img'][1] = batch['history']['lidar2img'][1] @ turn
+    if history:
+        batch['history']['lidar2img'][1] = batch['history']['lidar2img'][1] @ turn
     with torch.no_grad():
         both = model(batch)
         ones = [model(_sample(batch, b)) for b in range(2)]
@@ -405,13 +424,73 @@ def test_batch_of_two_equals_one_by_one():
         for d2, d1 in zip(both['dec'], ones[b]['dec']):
             for key in ('cls', 'box', 'loc', 'attn'):
                 assert torch.allclose(d2[key][b], d1[key][0], atol=1e-4), key
-    # the samples really differ, and the official B=1 shortcuts break this equality
-    assert not torch.allclose(both['bev'][0], both['bev'][1], atol=1e-3)
-    model.cfg = small_cfg(official_quirks=True)
+    assert not torch.allclose(both['bev'][0], both['bev'][1], atol=1e-3)    # the samples really differ
+
+
+def test_float64_forward_and_backward_run_end_to_end():
+    """A float64 model takes the loader's float32 batch and computes in float64 throughout (images,
+    lidar2img, can_bus, BEV grid, pillars, projection, deformable attention, loss); it agrees with the
+    float32 model on the same weights."""
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    model = bf.BEVFormer(cfg).eval()
+    _randomize_attention(model)
+    batch = bf.example_batch(cfg, batch_size=1, seed=2)
     with torch.no_grad():
-        quirky = model(batch)
-        quirky1 = model(_sample(batch, 1))
-    assert not torch.allclose(quirky['bev'][1], quirky1['bev'][0], atol=1e-4)
+        ref = model(batch)
+    model64 = copy.deepcopy(model).double()
+    out = model64(batch)
+    loss = sum(model64.loss(out, batch).values())
+    loss.backward()
+    assert out['bev'].dtype == torch.float64 and loss.dtype == torch.float64
+    assert all(p.grad is None or (p.grad.dtype == torch.float64 and torch.isfinite(p.grad).all())
+               for p in model64.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model64.encoder.parameters())
+    assert torch.allclose(out['bev'].float(), ref['bev'], atol=1e-3, rtol=1e-3)
+    assert torch.allclose(out['dec'][-1]['box'].float(), ref['dec'][-1]['box'], atol=1e-3, rtol=1e-3)
+    res = model64.predict(batch['img'][0], batch['lidar2img'][0], batch['can_bus'][0],
+                          img_shape=tuple(batch['img_shape'][0].tolist()), scene_token='s')
+    assert res['boxes'].dtype == torch.float64
+
+
+def _random_linear(*modules, std=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in modules:
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def test_gradcheck_temporal_self_attention_float64():
+    """torch.autograd.gradcheck (finite differences in float64) through one TSA module: the layer
+    input, the previous-BEV slot and the positional encoding."""
+    torch.manual_seed(0)
+    C, H, W = 8, 4, 4
+    tsa = bf.TemporalSelfAttention(C, heads=2, points=2, dropout=0.0).double()
+    _random_linear(tsa)
+    grid = types.SimpleNamespace(bev_h=H, bev_w=W)
+    ref_cur = bf.bev_grid(grid, 'cpu', torch.float64)[None]                 # [1, Q, 2]
+    ref_prev = ref_cur + torch.tensor([0.07, -0.04], dtype=torch.float64)
+    x, pos, prev = (torch.randn(1, H * W, C, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda x, pos, prev: tsa(x, pos, prev, x, ref_prev, ref_cur, (H, W)),
+                                    (x, pos, prev), eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_spatial_cross_attention_float64():
+    """gradcheck through one SCA module (per-camera compaction, Z anchors, 2 levels): the BEV queries
+    and the camera features."""
+    torch.manual_seed(0)
+    C, Q, N, Z = 8, 10, 2, 2
+    sca = bf.SpatialCrossAttention(C, heads=2, levels=2, points=4, num_z=Z, dropout=0.0).double()
+    _random_linear(sca, std=0.2)
+    g = torch.Generator().manual_seed(1)
+    uv = torch.rand(N, 1, Q, Z, 2, generator=g, dtype=torch.float64)
+    mask = torch.rand(N, 1, Q, Z, generator=g) > 0.4
+    cams = bf.compact_cameras(uv, mask)
+    shapes = torch.tensor([[3, 4], [2, 2]])
+    x = torch.randn(1, Q, C, dtype=torch.float64, requires_grad=True)
+    feats = torch.randn(1, N, 16, C, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, f: sca(x, f, shapes, cams), (x, feats), eps=1e-6, atol=1e-5)
 
 
 def test_forward_loss_decode_outputs():

@@ -345,7 +345,7 @@ def test_photometric_flag(world):
     aug = data.NuScenesDataset(world, 'v1.0-mini', 'val', image_size=SIZE, train=True, photometric=True)
     torch.manual_seed(0)
     a, p = aug[0], plain[0]
-    assert a['img'].shape == p['img'].shape and 0 <= a['img'].min() and a['img'].max() <= 255
+    assert a['img'].shape == p['img'].shape and torch.isfinite(a['img']).all()   # not clipped (official)
     assert not torch.equal(a['img'], p['img'])
     assert torch.equal(a['lidar2img'], p['lidar2img']) and torch.equal(a['gt_boxes'], p['gt_boxes'])
 
@@ -465,8 +465,9 @@ def test_default_world_ground_truth_scores_one(tmp_path_factory):
 
 
 def test_load_image_keeps_resize_geometry(tmp_path):
-    """The fast JPEG draft decode is used only for exact 1/k sizes: the result matches a plain bilinear
-    resize (exactly for 225 rows -> 113, closely for 450 -> 225 decoded at 1/2)."""
+    """The fast path (CPU presets) uses the JPEG draft decode only for exact 1/k sizes: the result matches
+    the full decode with the same antialiased resize (exactly for 225 rows -> 113, closely for 450 ->
+    225 decoded at 1/2)."""
     from PIL import Image
     rng = np.random.default_rng(0)
     small = Image.fromarray(rng.integers(0, 255, (225, 400, 3), dtype=np.uint8)).resize((400, 225))
@@ -476,9 +477,78 @@ def test_load_image_keeps_resize_geometry(tmp_path):
     for im, size, tol in ((small, (200, 113), 0.0), (big, (400, 225), 1.5)):
         path = str(tmp_path / ('%dx%d.jpg' % im.size))
         im.save(path, quality=90)
-        out, native = data.load_image(path, size)
-        ref = np.asarray(Image.open(path).convert('RGB').resize(size, Image.BILINEAR), np.float32)
+        out, native = data.load_image(path, size, 'fast')
+        full = torch.from_numpy(np.asarray(Image.open(path).convert('RGB'), np.float32)).permute(2, 0, 1)
+        ref = data.resize_images(full, size, antialias=True).permute(1, 2, 0).numpy()
         assert native == im.size and out.shape == (size[1], size[0], 3)
         assert np.abs(out - ref).mean() <= tol
         if tol:                                  # a half-pixel shift would be far larger
             assert np.abs(out[:, 1:] - ref[:, :-1]).mean() > 3 * tol
+
+
+def naive_bilinear(img, size):
+    """cv2.INTER_LINEAR / mmcv.imresize on a float image, written out: output pixel (x, y) reads the
+    input at ((x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5), clamped to the image, mixing its two
+    neighbours per axis (no antialiasing)."""
+    H, W = img.shape[:2]
+    w, h = size
+    def taps(n_out, n_in):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
+        i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+    y0, y1, fy = taps(h, H)
+    x0, x1, fx = taps(w, W)
+    img = img.astype(np.float64)
+    rows = img[y0] * (1 - fy)[:, None, None] + img[y1] * fy[:, None, None]
+    return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+
+
+def test_official_loading_is_full_decode_and_bilinear_without_antialias(tmp_path):
+    """The official presets' path: the whole file decoded, then mmcv's bilinear resize (no antialias),
+    checked against the naive resize above; the fast path's antialiased resize differs measurably."""
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 255, (225, 400, 3), dtype=np.uint8))
+    path = str(tmp_path / 'cam.png')                  # lossless: the decode itself is exact
+    im.save(path)
+    raw = np.asarray(im, np.float32)
+    for size in ((200, 112), (160, 90), (640, 360)):
+        out, native = data.load_image(path, size, 'official')
+        assert native == (400, 225) and out.shape == (size[1], size[0], 3)
+        np.testing.assert_allclose(out, naive_bilinear(raw, size), atol=5e-3)   # float32 rounding
+    fast, _ = data.load_image(path, (200, 112), 'fast')
+    assert np.abs(fast - naive_bilinear(raw, (200, 112))).mean() > 1.0
+
+
+def test_hsv_conversion_matches_colorsys_and_round_trips():
+    import colorsys
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (200, 3)).astype(np.float32)
+    x[:5] = x[:5, :1]                                                     # some greys (S = 0)
+    hsv = data.rgb_to_hsv(x)
+    ref = np.array([colorsys.rgb_to_hsv(*(p / 255.0)) for p in x])
+    np.testing.assert_allclose(hsv[:, 0], ref[:, 0] * 360, atol=1e-3)
+    np.testing.assert_allclose(hsv[:, 1], ref[:, 1], atol=1e-5)
+    np.testing.assert_allclose(hsv[:, 2], ref[:, 2] * 255, atol=1e-3)
+    np.testing.assert_allclose(data.hsv_to_rgb(hsv), x, atol=1e-3)
+    turned = hsv.copy()
+    turned[:, 0] = (turned[:, 0] + 120) % 360                             # a hue turn of 120 degrees: R -> G
+    np.testing.assert_allclose(data.hsv_to_rgb(turned), x[:, [2, 0, 1]], atol=1e-2)
+
+
+def test_photometric_distortion_follows_the_official_steps():
+    """A grey image stays grey through saturation and hue (only brightness and contrast move it); the
+    draws are reproducible from the generator; values are not clipped; over many draws each step fires
+    about half the time (brightness: the mean moves)."""
+    grey = np.full((4, 5, 3), 100.0, np.float32)
+    moved = 0
+    for seed in range(200):
+        out = data.photometric_distortion(grey, np.random.default_rng(seed))
+        np.testing.assert_allclose(out, out[..., :1].repeat(3, -1), atol=1e-3)     # still grey
+        moved += abs(float(out.mean()) - 100.0) > 1e-3
+        again = data.photometric_distortion(grey, np.random.default_rng(seed))
+        assert np.array_equal(out, again)
+    assert 120 < moved < 200                     # brightness or contrast fired in ~3/4 of the draws
+    bright = np.full((2, 2, 3), 250.0, np.float32)
+    assert max(float(data.photometric_distortion(bright, np.random.default_rng(s)).max()) for s in range(50)) > 255
