@@ -155,12 +155,14 @@ def fd3d_focal_loss(fpn_hat, fpn_e, dec, sel):
 
     fpn_hat: list over the EXPERT's FPN levels of the generated apprentice maps [B, N, C, h, w] on the
     expert's grid (None for an expert level no apprentice level maps to: that level leaves both sums);
-    fpn_e: the expert's maps (the same shapes; standardised if the generation loss standardises them);
+    fpn_e: the targets of the generation loss on the expert's grid: the expert's FPN maps, standardised
+    per channel when `pv_norm='bn'` (the default; `distill.standardise`), raw with `pv_norm='none'`;
     dec: the expert's out['dec'] (per layer its uv, mask and attn); sel [B, Q] bool, the selected queries.
     For every layer, with the expert's detached points uv, visibility mask and sigmoid weights attn:
       s_E = sum_(n, l) attn * mask * bilinear(F_E,l, uv),   s_A the same on F^
-    (exactly the sum the expert's Detr3DCrossAtten feeds its output_proj; DETR3D has no value
-    projection), and L = mean over layers of (sum over selected queries of ||s_A - s_E||^2 / C) / #sel.
+    (with raw maps, exactly the sum the expert's Detr3DCrossAtten feeds its output_proj; DETR3D has no
+    value projection; with standardised maps, the same weighted sum of the standardised features), and
+    L = mean over layers of (sum over selected queries of ||s_A - s_E||^2 / C) / #sel.
     Gradients reach only fpn_hat."""
     levels = [i for i, f in enumerate(fpn_hat) if f is not None]
     if not levels:
@@ -189,7 +191,8 @@ def distill_terms(distiller, out_e, out_a, batch_e, batch_a):
              those same generated maps against the same (standardised) expert targets;
     mgd:     kd_pv_<l> with the random mask over the whole maps;
     heatmap: kd_cwd_<l>, the baseline's channel-wise FPN half (its BEV half does not apply).
-    fitnet is BEV-only and refused by the Distiller. `--fd3d-parts` may hold pv and/or focal."""
+    fitnet is BEV-only and refused by the Distiller. `--fd3d-parts` is a non-empty subset of pv, focal
+    (the Distiller refuses bev in one line)."""
     d = distiller
     if d.mode == 'heatmap':
         return d.pv_terms(out_e, out_a, batch_e, batch_a, None, generate=False)

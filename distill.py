@@ -360,19 +360,33 @@ def cwd_loss(f_a, f_e, tau=2.0):
 # 5. Aligned queries: the expert's own decoder is the frozen "distillation head" (specs/fd3d.md 1)
 # ----------------------------------------------------------------------------------------------------
 
-def select_queries(cls, box, gt_boxes, gt_labels, how='matched+confident', score=0.3, **match_weights):
+# A matched expert query counts as aligned only where its prediction agrees with its GT box: the same
+# class and a centre within GATE_METRES (nuScenes' 2 m true-positive threshold). The paper says the
+# imperfect expert is trusted where it is right; which test decides that is our choice (--fd3d-gate, 0: off).
+GATE_METRES = 2.0
+
+
+def select_queries(cls, box, gt_boxes, gt_labels, how='matched+confident', score=0.3, gate=GATE_METRES,
+                   **match_weights):
     """Which expert queries teach: cls [B, Q, 10] logits and box [B, Q, 10] code of the expert's last
     decoder layer, GT lists -> sel [B, Q] bool.
 
-    `matched`: assigned to a GT box by the Hungarian matcher (the detection loss's cost); `confident`:
-    max class probability >= score. The default union trusts an imperfect expert only where it agrees
-    with the ground truth or is sure of itself.
+    `matched`: assigned to a GT box by the Hungarian matcher (the detection loss's cost) AND, with
+    gate > 0, agreeing with it: its top class is the GT's and its centre lies within `gate` metres (the
+    matcher gives every GT box a query however wrong its prediction, so an expert miss would otherwise
+    still set a focal area and sampling points); `confident`: max class probability >= score. The
+    default union trusts an imperfect expert only where it agrees with the ground truth or is sure of
+    itself.
     """
     B, Q, _ = cls.shape
     sel = torch.zeros(B, Q, dtype=torch.bool, device=cls.device)
     if 'matched' in how.split('+'):
         for b in range(B):
-            pred_idx, _ = bevformer.hungarian_match(cls[b], box[b], gt_boxes[b], gt_labels[b], **match_weights)
+            pred_idx, gt_idx = bevformer.hungarian_match(cls[b], box[b], gt_boxes[b], gt_labels[b], **match_weights)
+            if gate > 0 and len(pred_idx):
+                dist = (box[b, pred_idx, :2] - gt_boxes[b][gt_idx, :2].to(box)).norm(dim=-1)   # code: metric cx, cy
+                same = cls[b, pred_idx].argmax(-1) == gt_labels[b][gt_idx].to(cls.device)
+                pred_idx = pred_idx[(dist <= gate) & same]
             sel[b, pred_idx] = True
     if 'confident' in how.split('+'):
         sel |= cls.sigmoid().amax(-1) >= score
@@ -513,16 +527,25 @@ class Distiller(nn.Module):
     holds the generators, upsampler and adapters (saved under `distiller`); the expert has its own file.
     """
 
-    def __init__(self, expert, apprentice, mode='fd3d', parts=PARTS, select='matched+confident', score=0.3,
+    def __init__(self, expert, apprentice, mode='fd3d', parts=None, select='matched+confident', score=0.3,
+                 gate=GATE_METRES,
                  box_scale=1.2, mask_ratio=0.65, areas='pred', bg_weight=0.0, w_pv=W_PV, w_bev=W_BEV,
                  w_focal=W_FOCAL, w_fitnet=W_FITNET, w_heatmap=W_HEATMAP, w_cwd=W_CWD, cwd_tau=CWD_TAU,
                  pv_norm='bn', expert_input='native', init_head=False):
         super().__init__()
         ce, ca = expert.cfg, apprentice.cfg
+        has_bev = ce.detector == 'bevformer'
+        # FD3D's terms for this detector: DETR3D has no BEV (fd3d.md 6), so its subsets are of pv and focal
+        available = PARTS if has_bev else ('pv', 'focal')
+        if parts is None:
+            parts = available
         parts = tuple(p for p in parts.split(',') if p) if isinstance(parts, str) else tuple(parts)
         checks = [
             (mode in MODES, f'--distill {mode}: expected one of {", ".join(MODES)}'),
-            (set(parts) <= set(PARTS), f'--fd3d-parts {",".join(parts)}: expected a subset of {",".join(PARTS)}'),
+            (bool(parts) and set(parts) <= set(available),
+             f'--fd3d-parts {",".join(parts)}: expected a non-empty subset of {",".join(available)}'
+             + ('' if has_bev else f' ({ce.detector} has no BEV)')),
+            (gate >= 0, f'--fd3d-gate {gate}: expected a distance in metres >= 0 (0: off)'),
             (select in SELECTIONS, f'--fd3d-select {select}: expected one of {", ".join(SELECTIONS)}'),
             (areas in ('pred', 'gt'), f"--fd3d-areas {areas}: expected 'pred' or 'gt'"),
             (0 <= mask_ratio <= 1, f'--fd3d-mask-ratio {mask_ratio}: expected a value in [0, 1]'),
@@ -545,7 +568,7 @@ class Distiller(nn.Module):
             if not ok:
                 raise InputError(msg)
         self.expert, self.apprentice = expert, apprentice
-        self.mode, self.parts, self.select, self.score = mode, parts, select, score
+        self.mode, self.parts, self.select, self.score, self.gate = mode, parts, select, score, gate
         self.box_scale, self.mask_ratio, self.areas, self.bg_weight = box_scale, mask_ratio, areas, bg_weight
         self.w = dict(pv=w_pv, bev=w_bev, focal=w_focal, fitnet=w_fitnet, heatmap=w_heatmap, cwd=w_cwd)
         self.cwd_tau, self.pv_norm, self.expert_input = cwd_tau, pv_norm, expert_input
@@ -556,8 +579,7 @@ class Distiller(nn.Module):
             init_head_from_expert(apprentice, expert)
 
         # training-only modules, only those the mode uses (DDP wants every parameter used)
-        # DETR3D has no BEV (fd3d.md 6): its focal term samples the generated PV maps, 'bev' is ignored
-        has_bev = ce.detector == 'bevformer'
+        # DETR3D has no BEV (fd3d.md 6): its focal term samples the generated PV maps
         fd3d_bev = has_bev and mode == 'fd3d' and ('bev' in parts or 'focal' in parts)
         fd3d_pv = mode == 'fd3d' and ('pv' in parts or (not has_bev and 'focal' in parts))
         C_e, C_a = ce.embed_dims, ca.embed_dims
@@ -586,7 +608,7 @@ class Distiller(nn.Module):
         last, ce = out_e['dec'][-1], self.expert.cfg
         gt_boxes = [g.to(last['cls'].device).float() for g in batch['gt_boxes']]
         gt_labels = [g.to(last['cls'].device).long() for g in batch['gt_labels']]
-        sel = select_queries(last['cls'], last['box'], gt_boxes, gt_labels, self.select, self.score,
+        sel = select_queries(last['cls'], last['box'], gt_boxes, gt_labels, self.select, self.score, self.gate,
                              cls_weight=ce.cls_weight, reg_weight=ce.bbox_weight, alpha=ce.focal_alpha,
                              gamma=ce.focal_gamma)
         if self.areas == 'gt':
@@ -827,6 +849,7 @@ def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, 
     expert, _, _ = evaluate.model_from_checkpoint(teacher, '--teacher')
     d = Distiller(expert=expert.to(device), apprentice=apprentice.to(device), mode='fd3d',
                   select=args.get('fd3d_select', 'matched+confident'), score=args.get('fd3d_score', 0.3),
+                  gate=args.get('fd3d_gate', 0.0),
                   box_scale=args.get('fd3d_box_scale', 1.2), areas=args.get('fd3d_areas', 'pred'),
                   expert_input=args.get('kd_expert_input', 'native'))
     view, apprentice_view = loader_views(expert.cfg, apprentice.cfg, d.expert_input)

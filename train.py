@@ -45,6 +45,8 @@ import evaluate
 from data import InputError
 
 DEFAULT_DATAROOT = 'data/synthetic'
+# the value that reproduces the behaviour before each flag existed (resuming an older checkpoint)
+FLAG_BEFORE_IT_EXISTED = {'fd3d_gate': 0.0}
 
 # ------------------------------------------------------------------------------------------------
 # Arguments (grouped by topic; read only by main)
@@ -64,10 +66,15 @@ def make_parser():
     g.add_argument('--teacher', metavar='CKPT', help='expert checkpoint; turns distillation on')
     g.add_argument('--distill', default='fd3d', help='fd3d, heatmap, fitnet, mgd or none (with --teacher)')
     # every choice the FD3D paper leaves open (README "Paper notes"; defaults from specs/fd3d.md)
-    g.add_argument('--fd3d-parts', default='pv,bev,focal', help='FD3D terms: any subset of pv,bev,focal (ablations)')
+    g.add_argument('--fd3d-parts', default=None,
+                   help='FD3D terms: a subset of pv,bev,focal (ablations); default all of the detector\'s '
+                        '(DETR3D: pv,focal)')
     g.add_argument('--fd3d-select', default='matched+confident',
                    help='expert queries that teach: matched (to GT), confident, or matched+confident')
     g.add_argument('--fd3d-score', type=float, default=0.3, help='max class probability of a confident query')
+    g.add_argument('--fd3d-gate', type=float, default=distill.GATE_METRES,
+                   help='a matched query teaches only if its top class is its GT\'s and its centre is within this '
+                        'many metres (nuScenes\' TP threshold; 0: every matched query)')
     g.add_argument('--fd3d-box-scale', type=float, default=1.2, help='enlargement of the boxes that make focal areas')
     g.add_argument('--fd3d-mask-ratio', type=float, default=0.65, help='random mask ratio inside the focal areas')
     g.add_argument('--fd3d-areas', default='pred', help="focal areas from the expert's predictions (pred) or GT (gt)")
@@ -327,7 +334,9 @@ def train(args, explicit=()):
     ckpt = None
     if args.resume:
         ckpt = evaluate.load_checkpoint(args.resume, '--resume')
-        kept = {k: v for k, v in ckpt['args'].items() if k not in explicit and k != 'resume'}
+        # flags added after a checkpoint was written keep the behaviour it was trained with
+        older = {k: v for k, v in FLAG_BEFORE_IT_EXISTED.items() if k not in ckpt['args']}
+        kept = {k: v for k, v in {**older, **ckpt['args']}.items() if k not in explicit and k != 'resume'}
         args = argparse.Namespace(**{**vars(args), **kept})
         args.out = args.out if 'out' in explicit else os.path.dirname(os.path.abspath(args.resume))
     # after the resume merge: a resumed run uses the checkpoint's thread count, since the summation
@@ -369,7 +378,7 @@ def train(args, explicit=()):
         expert, _, _ = evaluate.model_from_checkpoint(args.teacher, '--teacher')
         distiller = distill.Distiller(
             expert=expert.to(device), apprentice=model, mode=args.distill, parts=args.fd3d_parts,
-            select=args.fd3d_select, score=args.fd3d_score, box_scale=args.fd3d_box_scale,
+            select=args.fd3d_select, score=args.fd3d_score, gate=args.fd3d_gate, box_scale=args.fd3d_box_scale,
             mask_ratio=args.fd3d_mask_ratio, areas=args.fd3d_areas, bg_weight=args.fd3d_bg_weight,
             pv_norm=args.fd3d_pv_norm, w_pv=args.fd3d_w_pv, w_bev=args.fd3d_w_bev, w_focal=args.fd3d_w_focal,
             w_fitnet=args.kd_w_fitnet, w_heatmap=args.kd_w_heatmap, w_cwd=args.kd_w_cwd,

@@ -552,3 +552,75 @@ def test_photometric_distortion_follows_the_official_steps():
     assert 120 < moved < 200                     # brightness or contrast fired in ~3/4 of the draws
     bright = np.full((2, 2, 3), 250.0, np.float32)
     assert max(float(data.photometric_distortion(bright, np.random.default_rng(s)).max()) for s in range(50)) > 255
+
+
+# -- what a preset owns: CAN bus without the expansion, the redraw rule, a second model's view ---------------
+
+def test_can_bus_without_the_expansion_is_zeros_for_official_presets(world):
+    """No CAN-bus expansion: the official presets get the official converter's zeros in can_bus[7:16],
+    the CPU presets the values derived from the ego poses (gravity on z, forward velocity); the pose
+    part (0-6, 16-17) is the same."""
+    import bevformer
+    official = data.NuScenesDataset(world, 'v1.0-mini', 'val', **vars_of(bevformer.PRESETS['tiny'], SIZE))
+    cpu = data.NuScenesDataset(world, 'v1.0-mini', 'val', **vars_of(bevformer.PRESETS['cpu-tiny'], SIZE))
+    assert official.view.can_bus_fallback == 'zeros' and cpu.view.can_bus_fallback == 'poses'
+    for i in (0, 2):
+        a, b = official[i]['can_bus'], cpu[i]['can_bus']
+        assert torch.equal(a[7:16], torch.zeros(9))
+        assert abs(float(b[9]) - 9.81) < 1.0 and float(b[13]) > 1.0
+        assert torch.equal(a[:7], b[:7]) and torch.equal(a[16:], b[16:])
+
+
+def vars_of(cfg, size, **overrides):
+    import dataclasses
+    return dataclasses.asdict(data.view_of(cfg, image_size=size, **overrides))
+
+
+def test_training_draws_another_sample_when_any_queue_frame_has_no_gt(world, monkeypatch):
+    """As the official training set (filter_empty_gt over the whole queue): a sample whose drawn queue
+    holds a frame without GT is replaced, so no item has that frame as its current frame or history,
+    while without the rule some do."""
+    ds = data.NuScenesDataset(world, 'v1.0-mini', 'train', image_size=SIZE, queue_length=3, train=True)
+    empty = ds.sample_tokens[2]                                   # the third frame of the first scene
+    real_gt = ds.gt
+
+    def gt(sample):
+        boxes, labels, tokens = real_gt(sample)
+        return (boxes[:0], labels[:0], []) if sample['token'] == empty else (boxes, labels, tokens)
+
+    monkeypatch.setattr(ds, 'gt', gt)
+    torch.manual_seed(0)
+    redrawn = 0
+    for _ in range(3):
+        for i in range(len(ds)):
+            item = ds[i]
+            used = [item['sample_token']] + [f['sample_token'] for f in item['history']]
+            assert empty not in used
+            redrawn += item['index'] != i
+    assert redrawn > 0
+    monkeypatch.setattr(ds, 'train', False)                       # evaluation keeps every sample
+    assert ds[2]['sample_token'] == empty and ds[3]['history'][-1]['sample_token'] == empty
+
+
+def test_the_apprentice_view_has_its_own_size_history_and_draw(world):
+    """The loader serves a second model's view of the same sample: its own image size and lidar2img, its
+    own queue length and history rule (here 'previous' with T = 2 beside the loader's random T = 3), the
+    same GT; collate batches it like the main view."""
+    view = data.View(image_size=(100, 56), image_loading='fast', queue_length=2, history_draw='previous')
+    ds = data.NuScenesDataset(world, 'v1.0-mini', 'train', image_size=SIZE, queue_length=3, train=True,
+                              apprentice=view)
+    torch.manual_seed(0)
+    for i in range(len(ds)):
+        item = ds[i]
+        a = item['apprentice']
+        assert a['img'].shape[-2:] == (64, 128) and a['img_shape'] == (56, 100) and a['queue_length'] == 2
+        pos = item['index'] - ds.scene_start[ds.scene_index[item['index']]]
+        expect = [ds.sample_tokens[item['index'] - 1]] if pos > 0 else []
+        assert [f['sample_token'] for f in a['history']] == expect          # the frame just before
+        assert a['sample_token'] == item['sample_token'] and len(item['history']) <= 2
+        scale = torch.tensor([100 / SIZE[0], 56 / SIZE[1], 1.0, 1.0])
+        assert torch.allclose(a['lidar2img'], torch.diag(scale) @ item['lidar2img'], rtol=1e-4, atol=1e-3)
+    batch = data.collate([ds[len(ds) - 1], ds[len(ds) - 2]])
+    assert batch['apprentice']['img'].shape == (2, 6, 3, 64, 128)
+    assert batch['apprentice']['history']['img'].shape == (2, 1, 6, 3, 64, 128)
+    assert batch['apprentice']['history_valid'].shape == (2, 1)

@@ -380,6 +380,26 @@ def test_distiller_on_a_detr3d_pair_zero_at_equality_positive_otherwise():
     assert all(p.grad is None for p in expert.parameters())
 
 
+def test_fd3d_parts_for_detr3d_work_or_are_refused_in_one_line():
+    """Every subset of FD3D's terms that exists for DETR3D (pv, focal) trains; a subset with bev (DETR3D
+    has no BEV) is refused with one line naming the flag; the default is all of DETR3D's terms."""
+    import distill
+    torch.manual_seed(0)
+    cfg = small_cfg(num_query=30, image_size=(96, 54))
+    expert, apprentice = detr3d.DETR3D(cfg).eval(), detr3d.DETR3D(cfg)
+    batch = bf.example_batch(cfg, batch_size=1, history=False, num_gt=4)
+    for parts, keys in [(None, {'kd_focal', 'kd_pv_0', 'kd_pv_1', 'kd_pv_2'}), ('pv', {'kd_pv_0', 'kd_pv_1', 'kd_pv_2'}),
+                        ('focal', {'kd_focal'}), ('pv,focal', {'kd_focal', 'kd_pv_0', 'kd_pv_1', 'kd_pv_2'})]:
+        d = distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d', parts=parts, areas='gt')
+        losses = d(batch)
+        assert {k for k in losses if k.startswith('kd_')} == keys, parts
+        sum(losses.values()).backward()
+    for parts in ('bev', 'pv,bev', 'bev,focal', 'pv,bev,focal', ''):
+        with pytest.raises(InputError, match=r'--fd3d-parts .*subset of pv,focal') as e:
+            distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d', parts=parts)
+        assert '\n' not in str(e.value)
+
+
 def test_miniature_table_has_the_detr3d_rows(tmp_path):
     """`python distill.py table` (stand-in runner): the DETR3D family trains its own expert first, then the
     apprentice alone and with FD3D, 2 seeds each, taught by that expert; `--only` a DETR3D row skips the

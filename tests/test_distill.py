@@ -367,6 +367,34 @@ def test_query_selection():
     assert distill.select_queries(cls, box, [gt[:0]], [labels[:0]], 'matched').sum() == 0
 
 
+def test_match_gate_drops_matched_queries_that_disagree_with_their_gt():
+    """The Hungarian matcher gives every GT box a query: a planted expert miss (no query near a third GT
+    box) and a query on a GT box with the wrong class are matched but not aligned; with the gate off
+    (0) every matched query counts, as before the gate."""
+    Q = 20
+    gt = torch.tensor([[5.0, 5.0, 0.0, 2.0, 4.0, 1.5, 0.0, 0.0, 0.0], [-20.0, 10.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0, 0],
+                       [30.0, -30.0, 0.0, 2.0, 4.0, 1.5, 0.0, 0.0, 0.0], [-5.0, -25.0, 0.0, 1.0, 1.0, 1.0, 0, 0, 0]])
+    labels = torch.tensor([0, 8, 2, 9])
+    cls = torch.full((1, Q, 10), -6.0)
+    box = bevformer.encode_boxes(gt[[0]]).repeat(1, Q, 1) + 30.0   # far from every GT box
+    box[0, 3], box[0, 11] = bevformer.encode_boxes(gt[:2])          # good: on GT 0 and 1, right class
+    cls[0, 3, 0], cls[0, 11, 8] = 2.0, 2.0
+    box[0, 15] = bevformer.encode_boxes(gt[3])                     # on GT 3 but sure it is a car (GT: cone)
+    box[0, 15, 0] += 1.5                                            # (1.5 m off: inside the 2 m gate)
+    cls[0, 15, 0] = -1.0
+    gated = distill.select_queries(cls, box, [gt], [labels], 'matched')
+    off = distill.select_queries(cls, box, [gt], [labels], 'matched', gate=0.0)
+    assert torch.nonzero(gated[0]).flatten().tolist() == [3, 11]
+    assert off[0].sum() == 4 and off[0, 3] and off[0, 11] and off[0, 15]          # the miss got a query too
+    wide = distill.select_queries(cls, box, [gt], [labels], 'matched', gate=1.0)  # 1 m: query 15 fails twice
+    assert torch.nonzero(wide[0]).flatten().tolist() == [3, 11]
+    cls[0, 15, 9] = 0.0                                             # now its top class is the GT's: aligned
+    assert torch.nonzero(distill.select_queries(cls, box, [gt], [labels], 'matched')[0]).flatten().tolist() == [3, 11, 15]
+    with pytest.raises(InputError, match='--fd3d-gate'):
+        expert, apprentice = small_pair()
+        distill.Distiller(expert=expert, apprentice=apprentice, gate=-1.0)
+
+
 @pytest.mark.parametrize('mode', distill.MODES)
 def test_smoke_every_mode_trains_a_few_iterations(mode):
     expert, apprentice = small_pair()
@@ -733,3 +761,32 @@ def test_train_cli_refuses_an_incompatible_teacher_in_one_line(tmp_path_factory,
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: --teacher:') and 'pc_range' in err[0]
+
+
+@pytest.mark.parametrize('loading', ['fast', 'official'])
+def test_the_apprentice_trains_on_the_pixels_it_is_evaluated_on(tmp_path_factory, loading):
+    """A distillation loader (the expert's view, plus the apprentice's own) hands the apprentice exactly
+    the images and lidar2img that its evaluation loader reads, for both ways of loading; and a batch
+    without the apprentice's view, downscaled by the Distiller from the files' own size, matches too."""
+    import data
+    from fixtures import small_world
+    root = small_world(tmp_path_factory.mktemp('world400'), image_scale=0.25)      # 400x225 files
+    ec = bevformer.get_config('cpu-base', image_size=(400, 225), **SMALL)
+    ac = bevformer.get_config('cpu-tiny', image_size=(200, 113), image_loading=loading, **SMALL)
+    view, apprentice_view = distill.loader_views(ec, ac)
+    train_set = data.NuScenesDataset(root, 'v1.0-mini', 'train', train=True, apprentice=apprentice_view,
+                                     **dataclasses.asdict(view))
+    eval_set = data.NuScenesDataset(root, 'v1.0-mini', 'train', train=False,
+                                    **dataclasses.asdict(data.view_of(ac, queue_length=1)))
+    for i in (1, 5):
+        torch.manual_seed(i)
+        item = train_set[i]
+        batch = data.collate([item])
+        _, batch_a = distill.model_inputs(batch, ec, ac)
+        ref = eval_set[item['index']]
+        assert torch.equal(batch_a['img'][0], ref['img'])
+        assert torch.equal(batch_a['lidar2img'][0], ref['lidar2img'])
+        no_view = {k: v for k, v in batch.items() if k != 'apprentice'}
+        _, rescaled = distill.model_inputs(no_view, ec, ac)
+        assert torch.allclose(rescaled['img'][0], ref['img'], atol=1e-3)
+        assert torch.allclose(rescaled['lidar2img'][0], ref['lidar2img'], rtol=1e-5, atol=1e-3)
