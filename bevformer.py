@@ -1543,11 +1543,31 @@ def official_key(key):
     return key
 
 
+def numpy_scalar_globals():
+    """numpy's scalar reconstructor and its dtype classes: an mmcv checkpoint's `meta` may hold numpy
+    scalars (an evaluation hook's best score, a seed). Exactly these are let through torch's weights_only
+    unpickler (`load_weights_only`); arrays and everything else stay refused."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:                                             # numpy < 2
+        from numpy.core.multiarray import scalar
+    dtypes = {type(np.dtype(c)) for c in '?bBhHiIlLqQefdgFDG'}
+    return [scalar, (scalar, 'numpy.core.multiarray.scalar'), (scalar, 'numpy._core.multiarray.scalar'),
+            np.dtype, *sorted(dtypes, key=lambda t: t.__name__)]
+
+
+def load_weights_only(path):
+    """torch.load(path, weights_only=True) on the CPU, numpy scalars allowed (`numpy_scalar_globals`):
+    a pickle that would build anything else raises pickle.UnpicklingError before any of its code runs."""
+    with torch.serialization.safe_globals(numpy_scalar_globals()):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
 def read_state_dict(path, expected='an official mmdet3d checkpoint .pth'):
     """The tensors of a checkpoint file, read with torch.load(weights_only=True) (no code runs).
     Accepts a bare state dict or one under 'state_dict' (mmcv) or 'model' (ours)."""
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        obj = load_weights_only(path)
     except FileNotFoundError:
         raise InputError(f'{path}: no such file (expected {expected})')
     except Exception as e:
@@ -1562,12 +1582,12 @@ def read_state_dict(path, expected='an official mmdet3d checkpoint .pth'):
     return state
 
 
-def load_official(model, path):
+def load_official(model, path, src=None):
     """Load an official mmdet3d BEVFormer checkpoint (path, or its state_dict) into `model`, strictly:
     every parameter and buffer is filled, and an unknown or missing key, or a shape mismatch, is an
-    InputError naming it. The final regression layers' (sin, cos) rows are converted from the
-    official yaw' = -yaw - pi/2 to ours. Returns the model."""
-    src = path if isinstance(path, str) else 'state_dict'
+    InputError naming it (and `src`, the file's name for the message). The final regression layers'
+    (sin, cos) rows are converted from the official yaw' = -yaw - pi/2 to ours. Returns the model."""
+    src = src or (path if isinstance(path, str) else 'state_dict')
     state = read_state_dict(path) if isinstance(path, str) else path
     own = model.state_dict()
     wanted = {official_key(k): k for k in own}                       # official name -> ours
@@ -1578,7 +1598,7 @@ def load_official(model, path):
     new = {}
     for ok, k in wanted.items():
         if ok not in state:
-            raise InputError(f'{src}: missing key {ok} (needed for {k} of preset {model.cfg.name})')
+            raise InputError(f'{src}: missing key {ok} (needed for {k} of preset {model.cfg.name}; wrong preset?)')
         if tuple(state[ok].shape) != tuple(own[k].shape):
             raise InputError(f'{src}: {ok} has shape {list(state[ok].shape)}, preset {model.cfg.name} '
                              f'expects {list(own[k].shape)} (wrong --preset?)')

@@ -347,7 +347,7 @@ def get_config(name, **overrides):
 # Official checkpoints (architecture.md 5.2): the same strict remap and yaw conversion as BEVFormer
 # ---------------------------------------------------------------------------------------------
 
-def load_official(model, path):
+def load_official(model, path, src=None):
     """Load the official DETR3D checkpoint (`detr3d_resnet101.pth`, path or its state_dict) into `model`
     strictly: every parameter and buffer filled, an unknown, missing or misshaped key is an InputError
     naming it; the final regression rows (sin, cos) are converted to our yaw.
@@ -357,7 +357,7 @@ def load_official(model, path):
     position_encoder.0, self_attn -> attentions.0.attn, ...), so bevformer.load_official does the work."""
     if not isinstance(model, DETR3D):
         raise InputError(f'detr3d.load_official: expected a DETR3D model, got {type(model).__name__}')
-    return bevformer.load_official(model, path)
+    return bevformer.load_official(model, path, src)
 
 
 def convert(official_path, preset, out_path):

@@ -834,7 +834,7 @@ def _draw_pv_focal(d, batch_e, batch_a, out_e, out_a, sel, boxes, path):
     plt.close(fig)
 
 
-def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, out_dir, device):
+def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, out_dir, device, teacher_preset=None):
     """`evaluate.py --ckpt A.pt --vis-focal K [--teacher E.pt]`: K pictures (vis_focal) spread over the
     split under out_dir. The expert is --teacher or the one recorded in the checkpoint's arguments."""
     import dataclasses
@@ -843,10 +843,11 @@ def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, 
     import data
     import evaluate
     args = evaluate.load_checkpoint(ckpt_path)['args'] if ckpt_path else {}
+    teacher_preset = teacher_preset if teacher else args.get('teacher_preset')
     teacher = teacher or args.get('teacher')
     if not teacher:
         raise InputError('--vis-focal: give --teacher CKPT (the checkpoint does not name its expert)')
-    expert, _, _ = evaluate.model_from_checkpoint(teacher, '--teacher')
+    expert, _, _ = evaluate.model_from_checkpoint(teacher, '--teacher', teacher_preset)
     d = Distiller(expert=expert.to(device), apprentice=apprentice.to(device), mode='fd3d',
                   select=args.get('fd3d_select', 'matched+confident'), score=args.get('fd3d_score', 0.3),
                   gate=args.get('fd3d_gate', 0.0),

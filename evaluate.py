@@ -156,31 +156,95 @@ def build_model(cfg):
 
 
 def load_checkpoint(path, flag='--ckpt'):
-    """Read a checkpoint with torch.load(weights_only=True): tensors and plain Python values only.
+    """Read a checkpoint with torch.load(weights_only=True): tensors and plain Python values only (and
+    numpy scalars, which an mmcv checkpoint's meta may hold: bevformer.load_weights_only).
 
     A pickle that would construct anything else (and so could run code) is refused before any of
     its code runs; the unpickler of weights_only never imports or calls what the file names.
+    Returns our checkpoint dict, or an official mmdet3d one ({'state_dict', 'meta', ...}: `is_official`).
     """
+    import bevformer
     if not os.path.isfile(path):
         raise InputError(f"{flag}: checkpoint '{path}' not found")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = bevformer.load_weights_only(path)
     except pickle.UnpicklingError:
         raise InputError(f"{flag}: '{path}' refused: its pickle holds objects other than tensors and plain "
                          f"values (it could run code); only plain-dict checkpoints load") from None
     except Exception as e:  # truncated zip, not a torch file at all, ...
         raise InputError(f"{flag}: '{path}' is not a readable torch checkpoint "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'config' not in ckpt:
-        raise InputError(f"{flag}: '{path}' is not a FocalDistiller checkpoint (expected a dict with 'model' "
-                         f"and 'config'; convert an official one with `python bevformer.py convert`)")
+    if not isinstance(ckpt, dict) or not (('model' in ckpt and 'config' in ckpt) or is_official(ckpt)):
+        raise InputError(f"{flag}: '{path}' is neither a FocalDistiller checkpoint (a dict with 'model' and "
+                         f"'config') nor an official mmdet3d BEVFormer/DETR3D one (a 'state_dict' of "
+                         f"img_backbone.* and pts_bbox_head.* tensors)")
     return ckpt
 
 
-def model_from_checkpoint(path, flag='--ckpt'):
+def is_official(ckpt):
+    """An official mmdet3d BEVFormer/DETR3D checkpoint: {'state_dict': {...}, 'meta': ..., ...}."""
+    state = ckpt.get('state_dict') if isinstance(ckpt, dict) else None
+    return isinstance(state, dict) and any(k.startswith('pts_bbox_head.') for k in state) and \
+        all(torch.is_tensor(v) for v in state.values())
+
+
+_OFFICIAL_SHAPES = {}
+
+
+def official_shapes(name):
+    """{official key: shape} that preset `name` fills (its model built on the meta device: no memory)."""
+    if name not in _OFFICIAL_SHAPES:
+        import bevformer
+        cfg = preset_config(name)
+        with torch.device('meta'):
+            model = build_model(cfg)
+        _OFFICIAL_SHAPES[name] = {bevformer.official_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    return _OFFICIAL_SHAPES[name]
+
+
+def official_preset(state, what):
+    """The preset whose parameters an official state dict fills exactly (keys and shapes), among the
+    presets of its detector (DETR3D has per-layer position encoders, BEVFormer a BEV embedding).
+    None or several: one line naming the candidates and asking for the preset."""
+    import bevformer
+    detr = any('.position_encoder.' in k for k in state)
+    module = _model_module('detr3d' if detr else 'bevformer')
+    got = {k: tuple(v.shape) for k, v in state.items() if k not in bevformer._OFFICIAL_IGNORED}
+    names = list(module.PRESETS)
+    fits = [n for n in names if official_shapes(n) == got]
+    if len(fits) == 1:
+        return fits[0]
+    if fits:
+        raise InputError(f"{what}: the file fits presets {', '.join(fits)} equally; name one "
+                         f"(--preset / --teacher-preset)")
+    near = min(names, key=lambda n: len(set(official_shapes(n).items()) ^ set(got.items())))
+    diff = len(set(official_shapes(near).items()) ^ set(got.items()))
+    raise InputError(f"{what}: an official {module.__name__} checkpoint that fits none of the presets "
+                     f"{', '.join(names)} (closest: {near}, {diff} keys or shapes differ); name its preset "
+                     f"(--preset / --teacher-preset) to see which")
+
+
+def model_from_checkpoint(path, flag='--ckpt', preset=None):
     """(model, config, checkpoint): the detector rebuilt from the checkpoint's own config, weights loaded
-    (on the CPU). train.py uses it for --teacher too."""
+    (on the CPU). train.py uses it for --teacher too. An official mmdet3d checkpoint is taken as it is:
+    its preset is `preset` (--preset, --teacher-preset) or inferred from its keys and shapes
+    (`official_preset`); the returned checkpoint is then ours, as `python bevformer.py convert` writes it."""
     ckpt = load_checkpoint(path, flag)
+    preset_flag = '--preset' if flag == '--ckpt' else f'{flag}-preset'
+    if is_official(ckpt):
+        state = ckpt['state_dict']
+        classes = (ckpt.get('meta') or {}).get('CLASSES') if isinstance(ckpt.get('meta'), dict) else None
+        if classes is not None and tuple(classes) != tuple(data.CLASSES):
+            raise InputError(f"{flag}: '{path}' was trained for the classes {tuple(classes)}, not nuScenes' "
+                             f"{', '.join(data.CLASSES)} in this order")
+        name = preset or official_preset(state, f"{flag} '{path}'")
+        cfg = preset_config(name, preset_flag)
+        model = _model_module(cfg.detector).load_official(build_model(cfg), state, src=f"{flag} '{path}'")
+        return model, cfg, {'model': model.state_dict(), 'config': dataclasses.asdict(cfg),
+                            'args': {'converted_from': os.path.abspath(path), 'preset': name}, 'iter': 0}
+    if preset is not None and preset != ckpt['config'].get('name'):
+        raise InputError(f"{preset_flag} {preset}: '{path}' is our checkpoint of preset "
+                         f"{ckpt['config'].get('name')!r}, which rebuilds its own config")
     cfg = config_from_dict(ckpt['config'], what=f"{flag} '{path}'")
     model = build_model(cfg)
     try:
@@ -518,6 +582,8 @@ def get_args(argv=None):
     g = p.add_argument_group('what to evaluate')
     g.add_argument('--ckpt', help='checkpoint written by train.py or `bevformer.py convert` (the model is rebuilt from its config)')
     g.add_argument('--model', help='preset name (random weights unless --ckpt); for --speed without a checkpoint')
+    g.add_argument('--preset', help='with an official mmdet3d --ckpt: its preset (default: inferred from its keys '
+                                    'and shapes; tiny, small, base, detr3d-r101, ...)')
     g.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                    help="with --model: override a preset field, as in train.py (e.g. --set queue_length=2)")
     g.add_argument('--oracle', action='store_true', help='score the ground truth sent through the prediction path (checks conventions: NDS ~1)')
@@ -535,6 +601,7 @@ def get_args(argv=None):
                    help="FD3D pictures of K samples under OUT/vis_focal/: the expert's selected queries, focal "
                         "areas and sampling points over both BEV maps (distill.py); needs a distilled --ckpt or --teacher")
     g.add_argument('--teacher', metavar='CKPT', help='expert checkpoint for --vis-focal (default: the one the --ckpt was trained with)')
+    g.add_argument('--teacher-preset', help='with an official mmdet3d --teacher: its preset (default: inferred)')
     g.add_argument('--speed', action='store_true', help='latency, FPS, parameters and GFLOPs instead of metrics')
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
@@ -559,7 +626,7 @@ def run(args):
     if args.set and not (args.model and not args.ckpt):
         raise InputError('--set applies to --model only (a checkpoint rebuilds the config it stored)')
     if args.ckpt:
-        model, cfg, _ = model_from_checkpoint(args.ckpt)
+        model, cfg, _ = model_from_checkpoint(args.ckpt, preset=args.preset)
     elif args.model:
         cfg = apply_overrides(preset_config(args.model), args.set)
         model = build_model(cfg)
@@ -570,7 +637,7 @@ def run(args):
     if args.vis_focal:
         import distill
         return distill.focal_pictures(model, args.ckpt, args.teacher, args.dataroot, args.version, args.split,
-                                      args.vis_focal, os.path.join(out, 'vis_focal'), device)
+                                      args.vis_focal, os.path.join(out, 'vis_focal'), device, args.teacher_preset)
     if args.speed:
         if args.oracle:
             raise InputError('--speed times a model: give --model NAME or --ckpt CKPT, not --oracle')

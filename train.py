@@ -63,7 +63,10 @@ def make_parser():
     g.add_argument('--backbone-weights', metavar='PATH',
                    help='pretrained ResNet weights (ImageNet torchvision names or FCOS3D/mmdet backbone.*)')
     g = p.add_argument_group('distillation (distill.py)')
-    g.add_argument('--teacher', metavar='CKPT', help='expert checkpoint; turns distillation on')
+    g.add_argument('--teacher', metavar='CKPT', help='expert checkpoint (ours, or an official mmdet3d BEVFormer/'
+                                                     'DETR3D .pth as it is); turns distillation on')
+    g.add_argument('--teacher-preset', help='preset of an official --teacher checkpoint (default: inferred from '
+                                            'its keys and shapes)')
     g.add_argument('--distill', default='fd3d', help='fd3d, heatmap, fitnet, mgd or none (with --teacher)')
     # every choice the FD3D paper leaves open (README "Paper notes"; defaults from specs/fd3d.md)
     g.add_argument('--fd3d-parts', default=None,
@@ -375,7 +378,7 @@ def train(args, explicit=()):
     # The loader reads at the expert's resolution and serves the longer history of the two models.
     distiller, load_view, apprentice_view = None, data.view_of(cfg), None
     if args.teacher:
-        expert, _, _ = evaluate.model_from_checkpoint(args.teacher, '--teacher')
+        expert, _, _ = evaluate.model_from_checkpoint(args.teacher, '--teacher', args.teacher_preset)
         distiller = distill.Distiller(
             expert=expert.to(device), apprentice=model, mode=args.distill, parts=args.fd3d_parts,
             select=args.fd3d_select, score=args.fd3d_score, gate=args.fd3d_gate, box_scale=args.fd3d_box_scale,

@@ -460,8 +460,9 @@ def test_distiller_terms_zero_when_apprentice_features_equal_experts(mode):
     expert, _ = small_pair()
     same_bev = bevformer.BEVFormer(bevformer.get_config('cpu-tiny', image_size=(80, 45), bev_h=16, bev_w=16,
                                                         **SMALL))
+    # gate 0: a random expert's matched queries are all wrong, and the focal term needs some selected
     d = distill.Distiller(expert=expert, apprentice=same_bev, mode=mode, mask_ratio=0.0, pv_norm='none',
-                          areas='gt')
+                          areas='gt', gate=0.0)
     for k in list(d.kd):
         d.kd[k] = (nn.ModuleList(nn.Identity() for _ in d.kd[k]) if isinstance(d.kd[k], nn.ModuleList)
                    else IdentityUp() if k == 'bev_up' else nn.Identity())

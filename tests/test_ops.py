@@ -419,3 +419,20 @@ def test_kernel_device_code_emulated_on_cpu(tmp_path):
                 for name, a, b in zip(("out", "grad_value", "grad_loc", "grad_attn"), mine, ref):
                     rel = ((a - b).abs().max() / b.abs().max()).item()
                     assert rel < tol, f"{case} {dtype} {blocks}x{threads} {name}: {rel:.1e}"
+
+
+def test_dispatch_keeps_the_input_dtype_and_computes_half_in_float32():
+    """ms_deform_attn returns value's dtype: float32 and float64 are computed as they are (float64 for
+    reference checks); float16/bfloat16 inputs (autocast) are computed in float32 and cast back."""
+    value, shapes, starts, loc, attn = make_inputs(1, 2, 4, [(4, 5), (2, 3)], 3, 2, seed=3)
+    ref = ms_deform_attn_pytorch(value, shapes, starts, loc, attn)                       # float64
+    out64 = ms_deform_attn(value, shapes, starts, loc, attn)
+    assert out64.dtype == torch.float64 and torch.equal(out64, ref)
+    for half in (torch.float16, torch.bfloat16):
+        out = ms_deform_attn(value.to(half), shapes, starts, loc.to(half), attn.to(half))
+        assert out.dtype == half
+        fp32 = ms_deform_attn_pytorch(value.to(half).float(), shapes, starts, loc.to(half).float(),
+                                      attn.to(half).float())
+        assert torch.equal(out, fp32.to(half))                                           # computed in fp32
+    out32 = ms_deform_attn(value.float(), shapes, starts, loc.float(), attn.float())
+    assert out32.dtype == torch.float32 and (out32.double() - ref).abs().max() < 1e-5
