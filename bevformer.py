@@ -99,8 +99,10 @@ class DetectorConfig:
     def checks(self):
         """(ok, message) pairs checked after construction; each detector adds its own."""
         return [
-            (self.normalisation in ('rgb', 'caffe'), f"normalisation must be 'rgb' or 'caffe', got {self.normalisation!r}"),
-            (self.image_loading in ('official', 'fast'), f"image_loading must be 'official' or 'fast', got {self.image_loading!r}"),
+            (self.normalisation in ('rgb', 'caffe'),
+             f"normalisation must be 'rgb' or 'caffe', got {self.normalisation!r}"),
+            (self.image_loading in ('official', 'fast'),
+             f"image_loading must be 'official' or 'fast', got {self.image_loading!r}"),
             (self.can_bus_fallback in ('zeros', 'poses'),
              f"can_bus_fallback must be 'zeros' or 'poses', got {self.can_bus_fallback!r}"),
             (self.backbone_style in ('pytorch', 'caffe'), "backbone_style must be 'pytorch' or 'caffe'"),
@@ -1328,7 +1330,9 @@ def _img_shape(d, B, dev):
 
 def _can_bus(d, B, dev, dtype=torch.float32):
     c = d.get('can_bus')
-    return torch.zeros(B, 18, device=dev, dtype=dtype) if c is None else torch.as_tensor(c, device=dev).to(dtype).view(B, 18)
+    if c is None:
+        return torch.zeros(B, 18, device=dev, dtype=dtype)
+    return torch.as_tensor(c, device=dev).to(dtype).view(B, 18)
 
 
 def _at_least_fp32(t):
@@ -1694,10 +1698,12 @@ def bench(presets, iters=3, threads=2, step_presets=('cpu-tiny', 'cpu-base')):
     torch.set_num_threads(threads)
     print(f'# params and cost of one frame (batch 1, 6 cameras, eval forward, no history); torch {torch.__version__}, '
           f'{threads} threads')
-    print('# GMACs = matmul/conv multiply-adds (FlopCounterMode FLOPs / 2) + deformable-attention MACs counted by hand;')
+    print('# GMACs = matmul/conv multiply-adds (FlopCounterMode FLOPs / 2) + deformable-attention MACs counted '
+          'by hand;')
     print('# the paper column is FD3D Table GFLOPs (mmcv-style, i.e. multiply-adds): indicative only')
     print('# "w/o DCN" leaves out the DCN layers\' own multiply-adds, which mmcv\'s counter does not see')
-    print(f'{"preset":<11} {"input WxH":>10} {"BEV":>8} {"params M":>9} {"GMACs":>9} {"w/o DCN":>9} {"MSDA GMACs":>11} {"paper":>8}')
+    print(f'{"preset":<11} {"input WxH":>10} {"BEV":>8} {"params M":>9} {"GMACs":>9} {"w/o DCN":>9} '
+          f'{"MSDA GMACs":>11} {"paper":>8}')
     for name in presets:
         cfg = get_config(name)
         torch.manual_seed(0)

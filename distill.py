@@ -1184,7 +1184,8 @@ def main(argv=None):
                 print(summarise_table(read_table(os.path.join(args.out, 'table.csv')), args.out))
                 return
             if args.jobs < 1 or args.threads < 0:
-                raise InputError(f'--jobs {args.jobs} --threads {args.threads}: expected --jobs >= 1 and --threads >= 0')
+                raise InputError(f'--jobs {args.jobs} --threads {args.threads}: '
+                                 'expected --jobs >= 1 and --threads >= 0')
             run_table(args.out, args.dataroot, args.iters, args.expert_iters,
                       only=set(args.only.split(',')) if args.only else None, detr3d_runs=DETR3D_RUNS,
                       threads=args.threads, parallel=args.jobs)

@@ -479,7 +479,8 @@ def visualise(ds, preds, out_dir, k, score_threshold=0.3):
         p = preds[token]
         keep = p['scores'] >= score_threshold
         sets = [(lidar_boxes(p['boxes'][keep], p['scores'][keep], p['labels'][keep]), PRED_COLOUR),
-                (lidar_boxes(gt['gt_boxes'].numpy(), np.ones(len(gt['gt_labels'])), gt['gt_labels'].numpy()), GT_COLOUR)]
+                (lidar_boxes(gt['gt_boxes'].numpy(), np.ones(len(gt['gt_labels'])), gt['gt_labels'].numpy()),
+                 GT_COLOUR)]
         fig = plt.figure(figsize=(24, 7.5))
         grid = fig.add_gridspec(2, 4)
         sample = nusc.get('sample', token)
@@ -580,13 +581,15 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('what to evaluate')
-    g.add_argument('--ckpt', help='checkpoint written by train.py or `bevformer.py convert` (the model is rebuilt from its config)')
+    g.add_argument('--ckpt', help='checkpoint written by train.py or `bevformer.py convert` (the model is rebuilt '
+                                  'from its config), or an official mmdet3d checkpoint as it is')
     g.add_argument('--model', help='preset name (random weights unless --ckpt); for --speed without a checkpoint')
     g.add_argument('--preset', help='with an official mmdet3d --ckpt: its preset (default: inferred from its keys '
                                     'and shapes; tiny, small, base, detr3d-r101, ...)')
     g.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                    help="with --model: override a preset field, as in train.py (e.g. --set queue_length=2)")
-    g.add_argument('--oracle', action='store_true', help='score the ground truth sent through the prediction path (checks conventions: NDS ~1)')
+    g.add_argument('--oracle', action='store_true',
+                   help='score the ground truth sent through the prediction path (checks conventions: NDS ~1)')
     g = p.add_argument_group('data')
     g.add_argument('--dataroot', default='data/synthetic', help='nuScenes-format root')
     g.add_argument('--version', default='auto', help='v1.0-mini, v1.0-trainval or v1.0-test; auto: the one whose '
@@ -599,8 +602,10 @@ def get_args(argv=None):
     g.add_argument('--vis', type=int, default=0, metavar='K', help='pictures of K samples under OUT/vis/')
     g.add_argument('--vis-focal', type=int, default=0, metavar='K',
                    help="FD3D pictures of K samples under OUT/vis_focal/: the expert's selected queries, focal "
-                        "areas and sampling points over both BEV maps (distill.py); needs a distilled --ckpt or --teacher")
-    g.add_argument('--teacher', metavar='CKPT', help='expert checkpoint for --vis-focal (default: the one the --ckpt was trained with)')
+                        "areas and sampling points over both BEV maps (distill.py); needs a distilled --ckpt or "
+                        "--teacher")
+    g.add_argument('--teacher', metavar='CKPT',
+                   help='expert checkpoint for --vis-focal (default: the one the --ckpt was trained with)')
     g.add_argument('--teacher-preset', help='with an official mmdet3d --teacher: its preset (default: inferred)')
     g.add_argument('--speed', action='store_true', help='latency, FPS, parameters and GFLOPs instead of metrics')
     g = p.add_argument_group('system')

@@ -82,7 +82,8 @@ def make_parser():
     g.add_argument('--fd3d-mask-ratio', type=float, default=0.65, help='random mask ratio inside the focal areas')
     g.add_argument('--fd3d-areas', default='pred', help="focal areas from the expert's predictions (pred) or GT (gt)")
     g.add_argument('--fd3d-bg-weight', type=float, default=0.0, help='weight of cells outside the focal areas')
-    g.add_argument('--fd3d-pv-norm', default='bn', help="standardise the expert's FPN maps per channel (bn) or not (none)")
+    g.add_argument('--fd3d-pv-norm', default='bn',
+                   help="standardise the expert's FPN maps per channel (bn) or not (none)")
     g.add_argument('--fd3d-w-pv', type=float, default=distill.W_PV, help='weight of each FPN level\'s generation term')
     g.add_argument('--fd3d-w-bev', type=float, default=distill.W_BEV, help='weight of the BEV generation term')
     g.add_argument('--fd3d-w-focal', type=float, default=distill.W_FOCAL, help='weight of the focal term')
@@ -106,7 +107,8 @@ def make_parser():
     g.add_argument('--iters', type=int, default=3600,
                    help='training iterations (ignored when --epochs is given); 3600 x batch 1 = the default CPU run')
     g.add_argument('--epochs', type=int, help='train for this many passes over the train split instead of --iters')
-    g.add_argument('--batch-size', type=int, default=1, help='samples per iteration PER PROCESS (x GPUs under torchrun)')
+    g.add_argument('--batch-size', type=int, default=1,
+                   help='samples per iteration PER PROCESS (x GPUs under torchrun)')
     g.add_argument('--lr', type=float, default=1e-3,
                    help='peak AdamW learning rate, the backbone gets 0.1x (official: 2e-4 for 8 GPUs x 1 sample)')
     g.add_argument('--warmup', type=int, default=400, help='linear warm-up iterations, from lr/3 (official: 500)')
@@ -122,7 +124,8 @@ def make_parser():
     g.add_argument('--resume', metavar='CKPT', help='continue a run exactly from its checkpoint (e.g. OUT/last.pt)')
     g.add_argument('--log-every', type=int, default=10, help='iterations between log.jsonl lines')
     g.add_argument('--ckpt-every', type=int, default=500, help='iterations between last.pt writes (and at the end)')
-    g.add_argument('--eval-every', type=int, default=0, help='evaluate on val every N iterations, keeping best.pt (0: off)')
+    g.add_argument('--eval-every', type=int, default=0,
+                   help='evaluate on val every N iterations, keeping best.pt (0: off)')
     g.add_argument('--no-eval', action='store_true', help='skip the final evaluation')
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu', 'cuda'")
@@ -366,7 +369,8 @@ def train(args, explicit=()):
     if args.backbone_weights and ckpt is None:
         import bevformer
         left = bevformer.load_backbone_weights(model.backbone, args.backbone_weights)
-        say(f'backbone weights from {args.backbone_weights}' + (f' ({len(left)} DCN offset tensors left at init)' if left else ''))
+        left_note = f' ({len(left)} DCN offset tensors left at init)' if left else ''
+        say(f'backbone weights from {args.backbone_weights}{left_note}')
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
     model.to(device)
@@ -544,7 +548,8 @@ def train(args, explicit=()):
                 summary = run_eval(os.path.join(args.out, 'eval'), quiet=True)
                 if master:
                     with open(log_path, 'a') as f:
-                        f.write(json.dumps({'iter': done, 'NDS': summary['nd_score'], 'mAP': summary['mean_ap']}) + '\n')
+                        row = {'iter': done, 'NDS': summary['nd_score'], 'mAP': summary['mean_ap']}
+                        f.write(json.dumps(row) + '\n')
                     bar.write(f"iteration {done}: val NDS {summary['nd_score']:.4f} mAP {summary['mean_ap']:.4f}")
                     improved = summary['nd_score'] > best
                     best = max(best, summary['nd_score'])

@@ -94,7 +94,8 @@ def test_resnet_and_fpn_output_shapes():
     assert net.out_channels == [16, 32, 64, 128]
     fpn = FPN(net.out_channels, 32, num_outs=5, start_level=1)
     outs = fpn(feats)
-    assert [tuple(o.shape) for o in outs] == [(2, 32, 8, 12), (2, 32, 4, 6), (2, 32, 2, 3), (2, 32, 1, 2), (2, 32, 1, 1)]
+    assert [tuple(o.shape) for o in outs] == [(2, 32, 8, 12), (2, 32, 4, 6), (2, 32, 2, 3), (2, 32, 1, 2),
+                                              (2, 32, 1, 1)]
 
 
 def test_caffe_and_pytorch_styles_stride_different_convs():

@@ -57,7 +57,8 @@ def test_projected_reference_points_match_devkit(world):
         assert np.abs(ours[:, front] - px[:, front]).max() < 1e-2 * max(1.0, np.abs(px[:, front]).max() / 1e3)
         inside = front & (px[0] > 0) & (px[0] < Wp) & (px[1] > 0) & (px[1] < Hp)
         m = mask[n, 0].permute(1, 0).reshape(-1).numpy()
-        edge = (np.abs(px[0]) < 1e-3) | (np.abs(px[0] - Wp) < 1e-3) | (np.abs(px[1]) < 1e-3) | (np.abs(px[1] - Hp) < 1e-3)
+        edge = ((np.abs(px[0]) < 1e-3) | (np.abs(px[0] - Wp) < 1e-3) | (np.abs(px[1]) < 1e-3)
+                | (np.abs(px[1] - Hp) < 1e-3))
         assert (m[~edge] == inside[~edge]).all()
         checked += int(inside.sum())
     assert checked > 1000            # the cameras really see a good part of the grid
@@ -550,7 +551,8 @@ def test_predict_cache_matches_forward_and_resets_at_scene_change():
                         img_shape=shape, scene_token='a')
     with torch.no_grad():
         ref = model.decode(model(batch))[0]
-    assert torch.allclose(res['boxes'], ref['boxes'], atol=1e-4) and torch.allclose(res['scores'], ref['scores'], atol=1e-5)
+    assert torch.allclose(res['boxes'], ref['boxes'], atol=1e-4)
+    assert torch.allclose(res['scores'], ref['scores'], atol=1e-5)
     fresh = model.predict(batch['img'][0], batch['lidar2img'][0], batch['can_bus'][0], img_shape=shape, scene_token='b')
     reset = model.predict(batch['img'][0], batch['lidar2img'][0], batch['can_bus'][0], state=state,
                           img_shape=shape, scene_token='b')

@@ -386,7 +386,8 @@ def test_version_auto_picks_the_folder_present(world, tmp_path):
     assert data.resolve_version(str(both)) == 'v1.0-trainval'
     assert data.resolve_version(str(both), split='test') == 'v1.0-test'
     assert data.resolve_version(str(both), 'v1.0-mini') == 'v1.0-mini'
-    with pytest.raises(data.InputError, match=r'--version auto: .* holds no v1.0-test tables \(versions present: v1.0-mini\)'):
+    with pytest.raises(data.InputError,
+                       match=r'--version auto: .* holds no v1.0-test tables \(versions present: v1.0-mini\)'):
         data.resolve_version(world, split='test')
     with pytest.raises(data.InputError, match='--dataroot .*nowhere: folder not found'):
         data.resolve_version(str(tmp_path / 'nowhere'))
@@ -458,7 +459,8 @@ def test_default_world_ground_truth_scores_one(tmp_path_factory):
     ds = data.NuScenesDataset(root, split='val', image_size=(200, 113))
     w = data.DEFAULT_WORLD
     assert ds.version == w['version'] == 'v1.0-trainval'
-    assert len(ds) == w['val_scenes'] * w['samples_per_scene'] and len(ds.nusc.scene) == w['train_scenes'] + w['val_scenes']
+    assert len(ds) == w['val_scenes'] * w['samples_per_scene']
+    assert len(ds.nusc.scene) == w['train_scenes'] + w['val_scenes']
     m = evaluate(ds, submission(ds), str(tmp_path_factory.mktemp('default_eval')))
     assert m.mean_ap >= 0.99 and m.nd_score >= 0.99, (m.mean_ap, m.nd_score, m.tp_errors)
     test_no_two_objects_overlap(ds)

@@ -388,8 +388,8 @@ def test_fd3d_parts_for_detr3d_work_or_are_refused_in_one_line():
     cfg = small_cfg(num_query=30, image_size=(96, 54))
     expert, apprentice = detr3d.DETR3D(cfg).eval(), detr3d.DETR3D(cfg)
     batch = bf.example_batch(cfg, batch_size=1, history=False, num_gt=4)
-    for parts, keys in [(None, {'kd_focal', 'kd_pv_0', 'kd_pv_1', 'kd_pv_2'}), ('pv', {'kd_pv_0', 'kd_pv_1', 'kd_pv_2'}),
-                        ('focal', {'kd_focal'}), ('pv,focal', {'kd_focal', 'kd_pv_0', 'kd_pv_1', 'kd_pv_2'})]:
+    pv, every = {'kd_pv_0', 'kd_pv_1', 'kd_pv_2'}, {'kd_focal', 'kd_pv_0', 'kd_pv_1', 'kd_pv_2'}
+    for parts, keys in [(None, every), ('pv', pv), ('focal', {'kd_focal'}), ('pv,focal', every)]:
         d = distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d', parts=parts, areas='gt')
         losses = d(batch)
         assert {k for k in losses if k.startswith('kd_')} == keys, parts

@@ -389,7 +389,8 @@ def test_match_gate_drops_matched_queries_that_disagree_with_their_gt():
     wide = distill.select_queries(cls, box, [gt], [labels], 'matched', gate=1.0)  # 1 m: query 15 fails twice
     assert torch.nonzero(wide[0]).flatten().tolist() == [3, 11]
     cls[0, 15, 9] = 0.0                                             # now its top class is the GT's: aligned
-    assert torch.nonzero(distill.select_queries(cls, box, [gt], [labels], 'matched')[0]).flatten().tolist() == [3, 11, 15]
+    aligned = distill.select_queries(cls, box, [gt], [labels], 'matched')
+    assert torch.nonzero(aligned[0]).flatten().tolist() == [3, 11, 15]
     with pytest.raises(InputError, match='--fd3d-gate'):
         expert, apprentice = small_pair()
         distill.Distiller(expert=expert, apprentice=apprentice, gate=-1.0)

@@ -68,7 +68,7 @@ def test_an_official_file_loads_as_ckpt_with_its_preset_inferred_or_given(tmp_pa
         assert torch.equal(model.bev_embedding.weight, src['pts_bbox_head.bev_embedding.weight'])
         reg = src['pts_bbox_head.reg_branches.5.4.weight']                 # yaw rows converted
         assert torch.equal(model.reg_branches[5][4].weight[6], -reg[7])
-    with pytest.raises(InputError, match=r"missing key .* preset small; wrong preset") as e:      # the wrong preset: one line
+    with pytest.raises(InputError, match=r"missing key .* preset small; wrong preset") as e:    # the wrong preset
         evaluate.model_from_checkpoint(path, '--ckpt', 'small')
     assert '\n' not in str(e.value) and 'bevformer_tiny_epoch_24.pth' in str(e.value)
 

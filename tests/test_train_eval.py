@@ -178,7 +178,8 @@ def test_get_lr_warmup_from_a_third_then_cosine_to_the_floor():
     ramp = [train.get_lr(i, lr, total, warm, 1e-3) for i in range(warm + 1)]
     assert all(b > a for a, b in zip(ramp, ramp[1:]))                           # linear warm-up rises
     floor = lr * 1e-3
-    assert train.get_lr(warm, lr, total, warm, 1e-3) == pytest.approx(floor + (lr - floor) * 0.5 * (1 + np.cos(np.pi * 0.1)))
+    expected = floor + (lr - floor) * 0.5 * (1 + np.cos(np.pi * 0.1))
+    assert train.get_lr(warm, lr, total, warm, 1e-3) == pytest.approx(expected)
     tail = [train.get_lr(i, lr, total, warm, 1e-3) for i in range(warm, total + 1)]
     assert all(b <= a for a, b in zip(tail, tail[1:]))                          # cosine only decreases
     assert train.get_lr(total, lr, total, warm, 1e-3) == pytest.approx(lr * 1e-3)
