@@ -5,6 +5,7 @@
     python evaluate.py --ckpt X.pt --vis 4                                # pictures under OUT/vis/
     python evaluate.py --speed --model cpu-tiny [--ckpt X.pt]             # latency, FPS, params, GFLOPs
     python evaluate.py --ckpt X.pt --dataroot /data/nuscenes --version v1.0-test --split test --format-only
+    python evaluate.py --ckpt bevformer_tiny_epoch_24.pth --dataroot /data/nuscenes   # official, as it is
 
 The path from a prediction to a score is written once here and used by train.py too:
   model.predict per sample, each scene in time order with its temporal state (architecture.md 2.13)
@@ -16,7 +17,9 @@ The path from a prediction to a score is written once here and used by train.py 
 old mmdet3d yaw, a missing calibration step) shows up as NDS < 1 before any GPU time is spent.
 
 This file is also the home of the few helpers both entry points need: `preset_config`,
-`config_from_dict`, `build_model` (dispatch on `config.detector`) and the safe checkpoint loader.
+`config_from_dict`, `build_model` (dispatch on `config.detector`), the safe checkpoint loader, and the
+reading of official mmdet3d checkpoints as they are (`model_from_checkpoint`: the preset given or inferred
+from the file's keys and shapes by `official_preset`).
 """
 import argparse
 import dataclasses
