@@ -122,6 +122,9 @@ def make_parser():
     g = p.add_argument_group('output, logging and evaluation')
     g.add_argument('--out', help='output folder (default runs/<model>, or runs/<student>-<distill>)')
     g.add_argument('--resume', metavar='CKPT', help='continue a run exactly from its checkpoint (e.g. OUT/last.pt)')
+    g.add_argument('--overwrite', action='store_true',
+                   help='start a new run into an --out that holds one (its last.pt, best.pt and log are replaced); '
+                        'without it such a start is refused')
     g.add_argument('--log-every', type=int, default=10, help='iterations between log.jsonl lines')
     g.add_argument('--ckpt-every', type=int, default=500, help='iterations between last.pt writes (and at the end)')
     g.add_argument('--eval-every', type=int, default=0,
@@ -361,6 +364,7 @@ def train(args, explicit=()):
     args.model = cfg.name
     if not args.out:
         args.out = os.path.join('runs', f'{cfg.name}-{args.distill}' if args.teacher else cfg.name)
+    refuse_to_overwrite(args, ckpt)
     # every rank its own augmentation randomness (DDP copies rank 0's initial weights to the others)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -602,6 +606,17 @@ def train(args, explicit=()):
             say(f'total wall time {(time.perf_counter() - t_start) / 60:.1f} min')
             evaluate.print_last_line(summary)
     return {'iter': total, 'interrupted': False, 'summary': summary}
+
+
+def refuse_to_overwrite(args, ckpt):
+    """A second run never destroys the first: a new run (or a resumed one sent to another folder) into an
+    --out that holds a checkpoint stops with one line, unless --overwrite; nothing is written before."""
+    resumed_here = ckpt is not None and os.path.abspath(args.out) == os.path.dirname(os.path.abspath(args.resume))
+    held = [f for f in ('last.pt', 'best.pt') if os.path.exists(os.path.join(args.out, f))]
+    if held and not resumed_here and not args.overwrite:
+        last = os.path.join(args.out, held[0])
+        raise InputError(f'--out {args.out} holds a run ({", ".join(held)}): continue it with --resume {last}, '
+                         f'pick another --out, or pass --overwrite to replace it')
 
 
 def vars_of(view):

@@ -242,6 +242,28 @@ def test_interrupted_and_resumed_run_is_bit_identical(world, stand_in, tmp_path)
     assert not all(torch.equal(wa['model'][k], wc['model'][k]) for k in wa['model'])
 
 
+def test_a_second_run_never_destroys_the_first(world, stand_in, tmp_path, capsys):
+    """The same command again into a folder that holds a run stops with one line naming --resume and
+    --out, before anything is written; --overwrite replaces it; resuming into its own folder goes on."""
+    common = ['--dataroot', world, '--iters', '3', '--log-every', '1', '--no-eval', '--workers', '0']
+    out = str(tmp_path / 'run')
+    assert run_train(common + ['--out', out]) == 0
+    files = {f: open(os.path.join(out, f), 'rb').read() for f in ('last.pt', 'log.jsonl')}
+    capsys.readouterr()
+    assert run_train(common + ['--out', out, '--seed', '5']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and '--resume' in err and '--out' in err and '--overwrite' in err, err
+    assert all(open(os.path.join(out, f), 'rb').read() == data for f, data in files.items())
+    other = str(tmp_path / 'other')                                   # a resumed run sent into a held folder
+    assert run_train(common + ['--out', other]) == 0
+    assert run_train(['--resume', os.path.join(out, 'last.pt'), '--out', other, '--iters', '4']) == 2
+    assert run_train(['--resume', os.path.join(out, 'last.pt'), '--iters', '4']) == 0     # its own folder
+    assert _weights(os.path.join(out, 'last.pt'))['iter'] == 4
+    assert run_train(common + ['--out', out, '--seed', '5', '--overwrite']) == 0
+    replaced = _weights(os.path.join(out, 'last.pt'))
+    assert replaced['iter'] == 3 and replaced['args']['seed'] == 5
+
+
 def test_checkpoint_is_plain_and_stores_the_overridden_config(world, stand_in, tmp_path):
     out = str(tmp_path / 'run')
     assert run_train(['--dataroot', world, '--iters', '2', '--warmup', '1', '--no-eval', '--workers', '0',
