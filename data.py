@@ -304,7 +304,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
     train: draw history frames as BEVFormer does and draw another sample when a frame of the queue has
            no GT; False (evaluation) takes the immediately preceding frames and keeps every sample.
     photometric: photometric distortion of every image (training augmentation).
-    history_draw, image_loading, can_bus_fallback: see `View` (a preset owns them: `view_of(cfg)`).
+    history_draw, image_loading, can_bus_fallback: see `View`.
+    view: a View instead of the five arguments above (what a preset owns: `view_of(cfg)`).
     apprentice: a second View (or a dict of its fields): every item also carries item['apprentice'],
            that model's own img, img_shape, lidar2img, can_bus, queue_length and history, drawn with its
            own rule from the same sample, with the same photometric draws (distillation).
@@ -312,7 +313,7 @@ class NuScenesDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataroot, version='auto', split='val', image_size=None, queue_length=1, train=False,
                  photometric=False, history_draw='random', image_loading='official', can_bus_fallback='poses',
-                 apprentice=None):
+                 apprentice=None, view=None):
         from nuscenes.nuscenes import NuScenes
         version = resolve_version(dataroot, version, split)
         table_dir = os.path.join(dataroot, version)
@@ -321,7 +322,7 @@ class NuScenesDataset(torch.utils.data.Dataset):
             raise InputError('%s: folder not found; expected the %s tables there (versions present: %s)'
                              % (table_dir, version, ', '.join(found) or 'none'))
         names = split_scene_names(version, split)
-        self.view = View(image_size, image_loading, int(queue_length), history_draw, can_bus_fallback)
+        self.view = view or View(image_size, image_loading, int(queue_length), history_draw, can_bus_fallback)
         self.apprentice = View(**apprentice) if isinstance(apprentice, dict) else apprentice
         try:
             self.nusc = NuScenes(version=version, dataroot=dataroot, verbose=False)

@@ -422,9 +422,9 @@ def loader_views(cfg_e, cfg_a, expert_input='native'):
     'native' (ours): the loader reads every sample at the expert's resolution with the expert's history
     and also serves the apprentice's own view (its size, image loading, history length and draw, CAN bus;
     data.NuScenesDataset(apprentice=...)), so the apprentice trains on exactly the pixels its evaluation
-    loads. 'upsampled' reproduces the released code (specs/fd3d-evidence.md 1.3): the loader reads at
-    the apprentice's resolution with the longer queue of the two, and the expert gets those images
-    upsampled (`model_inputs`)."""
+    loads. 'upsampled' reproduces the authors' released code, in which the expert saw the apprentice's
+    images upsampled: the loader reads at the apprentice's resolution with the longer queue of the two,
+    and the expert gets those images upsampled (`model_inputs`)."""
     import data
     if expert_input == 'upsampled':
         return data.view_of(cfg_a, queue_length=max(cfg_e.queue_length, cfg_a.queue_length)), None
@@ -837,7 +837,6 @@ def _draw_pv_focal(d, batch_e, batch_a, out_e, out_a, sel, boxes, path):
 def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, out_dir, device, teacher_preset=None):
     """`evaluate.py --ckpt A.pt --vis-focal K [--teacher E.pt]`: K pictures (vis_focal) spread over the
     split under out_dir. The expert is --teacher or the one recorded in the checkpoint's arguments."""
-    import dataclasses
     import os
 
     import data
@@ -854,8 +853,8 @@ def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, 
                   box_scale=args.get('fd3d_box_scale', 1.2), areas=args.get('fd3d_areas', 'pred'),
                   expert_input=args.get('kd_expert_input', 'native'))
     view, apprentice_view = loader_views(expert.cfg, apprentice.cfg, d.expert_input)
-    ds = data.NuScenesDataset(dataroot, version=version, split=split, train=False, apprentice=apprentice_view,
-                              **dataclasses.asdict(view))
+    ds = data.NuScenesDataset(dataroot, version=version, split=split, train=False, view=view,
+                              apprentice=apprentice_view)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for i in sorted({int(j) for j in torch.linspace(0, len(ds) - 1, max(1, k))}):

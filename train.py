@@ -413,9 +413,9 @@ def train(args, explicit=()):
     # photometric distortion: the trained model's preset decides unless --photometric/--no-photometric
     photometric = getattr(cfg, 'photometric', False) if args.photometric is None else args.photometric
     train_set = data.NuScenesDataset(args.dataroot, version=args.version, split='train', train=True,
-                                     photometric=photometric, apprentice=apprentice_view, **vars_of(load_view))
+                                     photometric=photometric, view=load_view, apprentice=apprentice_view)
     val_set = None if args.no_eval and not args.eval_every else data.NuScenesDataset(
-        args.dataroot, version=args.version, split='val', train=False, **vars_of(data.view_of(cfg, queue_length=1)))
+        args.dataroot, version=args.version, split='val', train=False, view=data.view_of(cfg, queue_length=1))
     per_epoch = len(train_set) // world // args.batch_size
     if per_epoch == 0:
         raise InputError(f'--batch-size {args.batch_size}: the train split has only {len(train_set)} samples '
@@ -617,11 +617,6 @@ def refuse_to_overwrite(args, ckpt):
         last = os.path.join(args.out, held[0])
         raise InputError(f'--out {args.out} holds a run ({", ".join(held)}): continue it with --resume {last}, '
                          f'pick another --out, or pass --overwrite to replace it')
-
-
-def vars_of(view):
-    """A data.View as NuScenesDataset's keyword arguments."""
-    return dataclasses.asdict(view)
 
 
 def broadcast(value):

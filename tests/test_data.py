@@ -563,19 +563,16 @@ def test_can_bus_without_the_expansion_is_zeros_for_official_presets(world):
     the CPU presets the values derived from the ego poses (gravity on z, forward velocity); the pose
     part (0-6, 16-17) is the same."""
     import bevformer
-    official = data.NuScenesDataset(world, 'v1.0-mini', 'val', **vars_of(bevformer.PRESETS['tiny'], SIZE))
-    cpu = data.NuScenesDataset(world, 'v1.0-mini', 'val', **vars_of(bevformer.PRESETS['cpu-tiny'], SIZE))
+    official = data.NuScenesDataset(world, 'v1.0-mini', 'val',
+                                    view=data.view_of(bevformer.PRESETS['tiny'], image_size=SIZE))
+    cpu = data.NuScenesDataset(world, 'v1.0-mini', 'val',
+                               view=data.view_of(bevformer.PRESETS['cpu-tiny'], image_size=SIZE))
     assert official.view.can_bus_fallback == 'zeros' and cpu.view.can_bus_fallback == 'poses'
     for i in (0, 2):
         a, b = official[i]['can_bus'], cpu[i]['can_bus']
         assert torch.equal(a[7:16], torch.zeros(9))
         assert abs(float(b[9]) - 9.81) < 1.0 and float(b[13]) > 1.0
         assert torch.equal(a[:7], b[:7]) and torch.equal(a[16:], b[16:])
-
-
-def vars_of(cfg, size, **overrides):
-    import dataclasses
-    return dataclasses.asdict(data.view_of(cfg, image_size=size, **overrides))
 
 
 def test_training_draws_another_sample_when_any_queue_frame_has_no_gt(world, monkeypatch):

@@ -776,10 +776,8 @@ def test_the_apprentice_trains_on_the_pixels_it_is_evaluated_on(tmp_path_factory
     ec = bevformer.get_config('cpu-base', image_size=(400, 225), **SMALL)
     ac = bevformer.get_config('cpu-tiny', image_size=(200, 113), image_loading=loading, **SMALL)
     view, apprentice_view = distill.loader_views(ec, ac)
-    train_set = data.NuScenesDataset(root, 'v1.0-mini', 'train', train=True, apprentice=apprentice_view,
-                                     **dataclasses.asdict(view))
-    eval_set = data.NuScenesDataset(root, 'v1.0-mini', 'train', train=False,
-                                    **dataclasses.asdict(data.view_of(ac, queue_length=1)))
+    train_set = data.NuScenesDataset(root, 'v1.0-mini', 'train', train=True, view=view, apprentice=apprentice_view)
+    eval_set = data.NuScenesDataset(root, 'v1.0-mini', 'train', train=False, view=data.view_of(ac, queue_length=1))
     for i in (1, 5):
         torch.manual_seed(i)
         item = train_set[i]
