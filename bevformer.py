@@ -1413,7 +1413,9 @@ PRESETS = {
     # layer: a history frame cost a quarter of its CPU step and an encoder layer a third, and the
     # iterations they buy learn more in the 20-minute default run (README, "No GPU").
     # They train from scratch: nothing frozen and BatchNorm trained on batch statistics (the
-    # official frozen stem/layer1 and frozen BN only make sense for a pretrained ResNet).
+    # official frozen stem/layer1 and frozen BN only make sense for a pretrained ResNet). No photometric
+    # distortion (the field's default): on the default run it measured NDS 0.326 / mAP 0.156 against
+    # 0.338 / 0.183 without (four runs each, README "No GPU").
     'cpu-tiny': BEVFormerConfig(name='cpu-tiny', image_size=(200, 113), normalisation='rgb', queue_length=1,
                                 backbone_depth=18, backbone_style='pytorch', backbone_width=32,
                                 backbone_out=(1, 2), fpn_levels=2, embed_dims=128, ffn_dims=256,
