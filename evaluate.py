@@ -220,10 +220,10 @@ def official_preset(state, what):
     if fits:
         raise InputError(f"{what}: the file fits presets {', '.join(fits)} equally; name one "
                          f"(--preset / --teacher-preset)")
-    near = min(names, key=lambda n: len(set(official_shapes(n).items()) ^ set(got.items())))
-    diff = len(set(official_shapes(near).items()) ^ set(got.items()))
+    differ = {n: len(set(official_shapes(n).items()) ^ set(got.items())) for n in names}
+    near = min(names, key=differ.get)
     raise InputError(f"{what}: an official {module.__name__} checkpoint that fits none of the presets "
-                     f"{', '.join(names)} (closest: {near}, {diff} keys or shapes differ); name its preset "
+                     f"{', '.join(names)} (closest: {near}, {differ[near]} keys or shapes differ); name its preset "
                      f"(--preset / --teacher-preset) to see which")
 
 
@@ -236,7 +236,8 @@ def model_from_checkpoint(path, flag='--ckpt', preset=None):
     preset_flag = '--preset' if flag == '--ckpt' else f'{flag}-preset'
     if is_official(ckpt):
         state = ckpt['state_dict']
-        classes = (ckpt.get('meta') or {}).get('CLASSES') if isinstance(ckpt.get('meta'), dict) else None
+        meta = ckpt.get('meta')
+        classes = meta.get('CLASSES') if isinstance(meta, dict) else None
         if classes is not None and tuple(classes) != tuple(data.CLASSES):
             raise InputError(f"{flag}: '{path}' was trained for the classes {tuple(classes)}, not nuScenes' "
                              f"{', '.join(data.CLASSES)} in this order")
