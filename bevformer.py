@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from scipy.optimize import linear_sum_assignment
 
-from data import InputError
+from data import CAN_BUS_FALLBACK, HISTORY_DRAW, IMAGE_LOADING, InputError
 from ops import ms_deform_attn
 
 
@@ -101,10 +101,10 @@ class DetectorConfig:
         return [
             (self.normalisation in ('rgb', 'caffe'),
              f"normalisation must be 'rgb' or 'caffe', got {self.normalisation!r}"),
-            (self.image_loading in ('official', 'fast'),
-             f"image_loading must be 'official' or 'fast', got {self.image_loading!r}"),
-            (self.can_bus_fallback in ('zeros', 'poses'),
-             f"can_bus_fallback must be 'zeros' or 'poses', got {self.can_bus_fallback!r}"),
+            (self.image_loading in IMAGE_LOADING,
+             f"image_loading must be one of {', '.join(IMAGE_LOADING)}, got {self.image_loading!r}"),
+            (self.can_bus_fallback in CAN_BUS_FALLBACK,
+             f"can_bus_fallback must be one of {', '.join(CAN_BUS_FALLBACK)}, got {self.can_bus_fallback!r}"),
             (self.backbone_style in ('pytorch', 'caffe'), "backbone_style must be 'pytorch' or 'caffe'"),
             (self.embed_dims % self.num_heads == 0, 'embed_dims must be divisible by num_heads'),
             (self.fpn_levels >= len(self.backbone_out), 'fpn_levels must be >= len(backbone_out)'),
@@ -154,7 +154,7 @@ class BEVFormerConfig(DetectorConfig):
         return super().checks() + [
             (self.detector == 'bevformer', f"detector must be 'bevformer', got {self.detector!r}"),
             (self.sca_points % self.num_z == 0, 'sca_points must be a multiple of num_z'),
-            (self.history_draw in ('random', 'previous'), "history_draw must be 'random' or 'previous'"),
+            (self.history_draw in HISTORY_DRAW, f"history_draw must be one of {', '.join(HISTORY_DRAW)}"),
         ]
 
 
@@ -767,10 +767,10 @@ def compact_cameras(uv, mask):
     The official code builds the index lists from sample 0 only, which is right only at B = 1 (there
     it is what we compute); we build them per sample."""
     N, B, Q, Z = mask.shape
-    sel = hit = mask.any(-1)                                              # [N, B, Q]
-    n_sel = sel.sum(-1)                                                   # [N, B]
+    hit = mask.any(-1)                                                    # [N, B, Q]
+    n_sel = hit.sum(-1)                                                   # [N, B]
     R = max(int(n_sel.max()), 1)
-    order = torch.argsort((~sel).to(torch.uint8), dim=-1, stable=True)[..., :R]   # [N, B, R]
+    order = torch.argsort((~hit).to(torch.uint8), dim=-1, stable=True)[..., :R]   # [N, B, R]
     valid = torch.arange(R, device=uv.device) < n_sel[..., None]           # [N, B, R]
     idx = order.transpose(0, 1).contiguous()                              # [B, N, R]
     ref = uv.transpose(0, 1).gather(2, idx[..., None, None].expand(-1, -1, -1, Z, 2))  # [B, N, R, Z, 2]
