@@ -38,7 +38,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from scipy.optimize import linear_sum_assignment
 
-from data import CAN_BUS_FALLBACK, HISTORY_DRAW, IMAGE_LOADING, InputError
+from common import (CAN_BUS_FALLBACK, HISTORY_DRAW, IMAGE_LOADING, InputError, read_state_dict, resize_images,
+                    save_checkpoint)
 from ops import ms_deform_attn
 
 
@@ -1306,7 +1307,6 @@ def prepare_images(img, lidar2img, cfg):
     bilinear, antialiased only for image_loading='fast') and zero-padded to a multiple of cfg.pad_to;
     lidar2img left-multiplied by diag(sx, sy, 1, 1). Returns (img [N, 3, Hp, Wp], lidar2img [N, 4, 4],
     (H, W) content)."""
-    from data import resize_images
     W, H = cfg.image_size
     h0, w0 = img.shape[-2:]
     if (w0, h0) != (W, H):
@@ -1549,45 +1549,6 @@ def official_key(key):
     return key
 
 
-def numpy_scalar_globals():
-    """numpy's scalar reconstructor and its dtype classes: an mmcv checkpoint's `meta` may hold numpy
-    scalars (an evaluation hook's best score, a seed). Exactly these are let through torch's weights_only
-    unpickler (`load_weights_only`); arrays and everything else stay refused."""
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:                                             # numpy < 2
-        from numpy.core.multiarray import scalar
-    dtypes = {type(np.dtype(c)) for c in '?bBhHiIlLqQefdgFDG'}
-    return [scalar, (scalar, 'numpy.core.multiarray.scalar'), (scalar, 'numpy._core.multiarray.scalar'),
-            np.dtype, *sorted(dtypes, key=lambda t: t.__name__)]
-
-
-def load_weights_only(path):
-    """torch.load(path, weights_only=True) on the CPU, numpy scalars allowed (`numpy_scalar_globals`):
-    a pickle that would build anything else raises pickle.UnpicklingError before any of its code runs."""
-    with torch.serialization.safe_globals(numpy_scalar_globals()):
-        return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def read_state_dict(path, expected='an official mmdet3d checkpoint .pth'):
-    """The tensors of a checkpoint file, read with torch.load(weights_only=True) (no code runs).
-    Accepts a bare state dict or one under 'state_dict' (mmcv) or 'model' (ours)."""
-    try:
-        obj = load_weights_only(path)
-    except FileNotFoundError:
-        raise InputError(f'{path}: no such file (expected {expected})')
-    except Exception as e:
-        raise InputError(f'{path}: not readable with torch.load(weights_only=True) ({type(e).__name__}); '
-                         f'expected a checkpoint of plain tensors and builtins')
-    state = obj
-    for key in ('state_dict', 'model'):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise InputError(f'{path}: expected a dict of tensors, bare or under "state_dict" (mmcv) or "model"')
-    return state
-
-
 def load_official(model, path, src=None):
     """Load an official mmdet3d BEVFormer checkpoint (path, or its state_dict) into `model`, strictly:
     every parameter and buffer is filled, and an unknown or missing key, or a shape mismatch, is an
@@ -1615,14 +1576,6 @@ def load_official(model, path, src=None):
             new[k] = convert_official_reg_rows(new[k])
     model.load_state_dict(new, strict=True)
     return model
-
-
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file, then os.replace: a crash never leaves half a checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def convert(official_path, preset, out_path):

@@ -41,7 +41,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from pyquaternion import Quaternion
 
@@ -51,14 +50,11 @@ from nuscenes.utils.geometry_utils import BoxVisibility, transform_matrix
 from nuscenes.utils.splits import create_splits_scenes
 
 import synthetic
-from synthetic import CAMERAS, CLASSES
+from common import (CAMERAS, CAN_BUS_FALLBACK, CLASSES, HISTORY_DRAW, IMAGE_LOADING,  # noqa: F401
+                    InputError, resize_images)
 
 PC_RANGE_XY = 51.2           # GT kept when |x| and |y| are strictly inside (BEVFormer's ObjectRangeFilter)
 PAD = 32                     # images are zero-padded to a multiple of this
-
-
-class InputError(ValueError):
-    """Bad user input (missing folder, wrong flag, corrupt file): the CLIs print `error: <message>`."""
 
 
 # The world `python train.py` writes when data/synthetic is missing (and `python data.py synth` by default):
@@ -136,23 +132,6 @@ def split_scene_names(version, split):
 
 # ----------------------------------------------------------------------------------------------------------
 # Per-frame pieces.
-
-IMAGE_LOADING = ('official', 'fast')
-
-
-def resize_images(img, size, antialias):
-    """img float [..., 3, H, W] -> [..., 3, h, w] at size = (W, H): bilinear with half-pixel centres
-    (pixel i at i + 0.5). antialias=False is mmcv's `imresize` (cv2 INTER_LINEAR) that the official
-    pipeline applies to float images: each output pixel mixes its two nearest inputs per axis.
-    antialias=True widens the filter by the scale when shrinking (no aliasing). One function for the
-    loader, `predict` and the Distiller's downscale, so that all three make the same pixels."""
-    W, H = int(size[0]), int(size[1])
-    if tuple(img.shape[-2:]) == (H, W):
-        return img
-    x = img.reshape(-1, *img.shape[-3:])
-    x = F.interpolate(x, size=(H, W), mode='bilinear', align_corners=False, antialias=antialias)
-    return x.view(*img.shape[:-2], H, W)
-
 
 def load_image(path, size, loading='official', distort=None):
     """RGB float32 [H, W, 3] in 0..255 at size = (W, H) (None: the file's size), and the file's (W, H).
@@ -254,10 +233,6 @@ def pad_to(img, multiple=PAD):
 
 # ----------------------------------------------------------------------------------------------------------
 # The dataset.
-
-CAN_BUS_FALLBACK = ('zeros', 'poses')
-HISTORY_DRAW = ('random', 'previous')
-
 
 @dataclass(frozen=True)
 class View:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import bevformer
 from bevformer import (BEVFormer, DecoderLayer, DetectorConfig, build_image_backbone, cls_branch,
                        inverse_sigmoid, object_queries, project_points, reg_branch, refine_boxes)
-from data import InputError
+from common import InputError, save_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def convert(official_path, preset, out_path):
     """Official checkpoint -> our checkpoint format (usable by train.py --teacher/--resume, evaluate.py --ckpt)."""
     cfg = get_config(preset)
     model = load_official(DETR3D(cfg), official_path)
-    bevformer.save_checkpoint({'model': model.state_dict(), 'config': asdict(cfg),
+    save_checkpoint({'model': model.state_dict(), 'config': asdict(cfg),
                                'args': {'converted_from': os.path.abspath(official_path), 'preset': preset},
                                'iter': 0}, out_path)
     return model

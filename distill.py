@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bevformer
-from data import CAMERAS, InputError
+from common import CAMERAS, InputError
 from ops import ms_deform_attn
 
 PC_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)  # x_min, y_min, z_min, x_max, y_max, z_max (metres)
@@ -840,13 +840,13 @@ def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, 
     import os
 
     import data
-    import evaluate
-    args = evaluate.load_checkpoint(ckpt_path)['args'] if ckpt_path else {}
+    import models
+    args = models.load_checkpoint(ckpt_path)['args'] if ckpt_path else {}
     teacher_preset = teacher_preset if teacher else args.get('teacher_preset')
     teacher = teacher or args.get('teacher')
     if not teacher:
         raise InputError('--vis-focal: give --teacher CKPT (the checkpoint does not name its expert)')
-    expert, _, _ = evaluate.model_from_checkpoint(teacher, '--teacher', teacher_preset)
+    expert, _, _ = models.model_from_checkpoint(teacher, '--teacher', teacher_preset)
     d = Distiller(expert=expert.to(device), apprentice=apprentice.to(device), mode='fd3d',
                   select=args.get('fd3d_select', 'matched+confident'), score=args.get('fd3d_score', 0.3),
                   gate=args.get('fd3d_gate', 0.0),

@@ -46,9 +46,7 @@ from nuscenes.utils.data_classes import Box
 from nuscenes.utils.geometry_utils import points_in_box
 from nuscenes.utils.splits import create_splits_scenes
 
-CAMERAS = ('CAM_FRONT', 'CAM_FRONT_RIGHT', 'CAM_FRONT_LEFT', 'CAM_BACK', 'CAM_BACK_LEFT', 'CAM_BACK_RIGHT')
-CLASSES = ('car', 'truck', 'construction_vehicle', 'bus', 'trailer', 'barrier', 'motorcycle', 'bicycle',
-           'pedestrian', 'traffic_cone')
+from common import CAMERAS
 
 # nuScenes category written for each detection class (the devkit maps it back with
 # category_to_detection_name), mean size (w, l, h) in metres as in nuScenes, and a base colour.

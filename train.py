@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 import data
 import distill
 import evaluate
-from data import InputError
+import models
+from common import InputError, save_checkpoint
 
 DEFAULT_DATAROOT = 'data/synthetic'
 # the value that reproduces the behaviour before each flag existed (resuming an older checkpoint)
@@ -254,13 +255,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def save_checkpoint(path, ckpt):
-    """Atomic: a crash mid-write leaves the previous file intact (temp file + os.replace)."""
-    tmp = path + '.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------
 # Log and learning curve
 
@@ -342,7 +336,7 @@ def train(args, explicit=()):
     # -- resume: the checkpoint's arguments, except flags typed now ------------------------------
     ckpt = None
     if args.resume:
-        ckpt = evaluate.load_checkpoint(args.resume, '--resume')
+        ckpt = models.load_checkpoint(args.resume, '--resume')
         # flags added after a checkpoint was written keep the behaviour it was trained with
         older = {k: v for k, v in FLAG_BEFORE_IT_EXISTED.items() if k not in ckpt['args']}
         kept = {k: v for k, v in {**older, **ckpt['args']}.items() if k not in explicit and k != 'resume'}
@@ -358,9 +352,9 @@ def train(args, explicit=()):
 
     # -- config and model -------------------------------------------------------------------------
     if ckpt is not None:
-        cfg = evaluate.config_from_dict(ckpt['config'], what=f"--resume '{args.resume}'")
+        cfg = models.config_from_dict(ckpt['config'], what=f"--resume '{args.resume}'")
     else:
-        cfg = evaluate.apply_overrides(evaluate.preset_config(args.model or 'cpu-tiny', '--model'), args.set)
+        cfg = models.apply_overrides(models.preset_config(args.model or 'cpu-tiny', '--model'), args.set)
     args.model = cfg.name
     if not args.out:
         args.out = os.path.join('runs', f'{cfg.name}-{args.distill}' if args.teacher else cfg.name)
@@ -369,7 +363,7 @@ def train(args, explicit=()):
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    model = evaluate.build_model(cfg)
+    model = models.build_model(cfg)
     if args.backbone_weights and ckpt is None:
         import bevformer
         left = bevformer.load_backbone_weights(model.backbone, args.backbone_weights)
@@ -386,7 +380,7 @@ def train(args, explicit=()):
     # The loader reads at the expert's resolution and serves the longer history of the two models.
     distiller, load_view, apprentice_view = None, data.view_of(cfg), None
     if args.teacher:
-        expert, _, _ = evaluate.model_from_checkpoint(args.teacher, '--teacher', args.teacher_preset)
+        expert, _, _ = models.model_from_checkpoint(args.teacher, '--teacher', args.teacher_preset)
         distiller = distill.Distiller(
             expert=expert.to(device), apprentice=model, mode=args.distill, parts=args.fd3d_parts,
             select=args.fd3d_select, score=args.fd3d_score, gate=args.fd3d_gate, box_scale=args.fd3d_box_scale,
@@ -472,7 +466,7 @@ def train(args, explicit=()):
                  'rng': states, 'best': best}
         if distiller is not None:   # its trainable parts only: the expert has its own checkpoint
             state['distiller'] = distiller.kd.state_dict()
-        save_checkpoint(path, state)
+        save_checkpoint(state, path)
 
     def run_eval(out_dir, quiet):
         """Evaluate the current weights on val; training RNG states are left untouched."""
@@ -601,8 +595,8 @@ def train(args, explicit=()):
             plot_curve(log_path, curve_path)
             if args.eval_every and summary['nd_score'] > best:
                 best = summary['nd_score']
-                save_checkpoint(os.path.join(args.out, 'best.pt'), {**torch.load(
-                    os.path.join(args.out, 'last.pt'), weights_only=True), 'best': best})
+                save_checkpoint({**torch.load(os.path.join(args.out, 'last.pt'), weights_only=True),
+                                 'best': best}, os.path.join(args.out, 'best.pt'))
             say(f'total wall time {(time.perf_counter() - t_start) / 60:.1f} min')
             evaluate.print_last_line(summary)
     return {'iter': total, 'interrupted': False, 'summary': summary}

@@ -14,6 +14,7 @@ import torch
 import bevformer as bf
 import fixtures
 import detr3d
+import models
 from data import InputError
 
 
@@ -219,8 +220,7 @@ def test_presets_and_config_errors():
         detr3d.get_config('detr3d-cpu-tiny', queue_length=3)
     with pytest.raises(InputError, match='unknown DETR3D preset'):
         detr3d.get_config('cpu-tiny')
-    import evaluate
-    assert isinstance(evaluate.build_model(evaluate.preset_config('detr3d-cpu-tiny')), detr3d.DETR3D)
+    assert isinstance(models.build_model(models.preset_config('detr3d-cpu-tiny')), detr3d.DETR3D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,8 +262,7 @@ def test_load_official_fills_every_parameter_and_refuses_wrong_keys(r101, tmp_pa
     src, dst = str(tmp_path / 'official.pth'), str(tmp_path / 'ours.pt')
     torch.save({'meta': {}, 'state_dict': state}, src)
     detr3d.main(['convert', src, '--preset', 'detr3d-r101', '--out', dst])
-    import evaluate
-    model, cfg, _ = evaluate.model_from_checkpoint(dst)
+    model, cfg, _ = models.model_from_checkpoint(dst)
     assert isinstance(model, detr3d.DETR3D) and cfg.name == 'detr3d-r101'
     assert torch.equal(model.decoder.layers[5].cross_attn.attention_weights.weight,
                        state['pts_bbox_head.transformer.decoder.layers.5.attentions.1.attention_weights.weight'])

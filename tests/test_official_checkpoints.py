@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import data
-import evaluate
 import fixtures
+import models
 from data import InputError
 
 ROOT = fixtures.ROOT
@@ -55,7 +55,7 @@ def mmcv_checkpoint(name, path, meta_extra=None, **kw):
 
 @pytest.mark.parametrize('name', list(MANIFESTS))
 def test_the_preset_of_every_official_checkpoint_is_inferred(name):
-    assert evaluate.official_preset(official_state(name), 'x') == name
+    assert models.official_preset(official_state(name), 'x') == name
 
 
 def test_an_official_file_loads_as_ckpt_with_its_preset_inferred_or_given(tmp_path):
@@ -63,13 +63,13 @@ def test_an_official_file_loads_as_ckpt_with_its_preset_inferred_or_given(tmp_pa
                            real=('pts_bbox_head.bev_embedding.weight', 'pts_bbox_head.reg_branches.5.4.weight'))
     src = torch.load(path, weights_only=False)['state_dict']
     for preset in (None, 'tiny'):
-        model, cfg, ckpt = evaluate.model_from_checkpoint(path, '--ckpt', preset)
+        model, cfg, ckpt = models.model_from_checkpoint(path, '--ckpt', preset)
         assert cfg.name == 'tiny' and ckpt['config']['name'] == 'tiny'
         assert torch.equal(model.bev_embedding.weight, src['pts_bbox_head.bev_embedding.weight'])
         reg = src['pts_bbox_head.reg_branches.5.4.weight']                 # yaw rows converted
         assert torch.equal(model.reg_branches[5][4].weight[6], -reg[7])
     with pytest.raises(InputError, match=r"missing key .* preset small; wrong preset") as e:    # the wrong preset
-        evaluate.model_from_checkpoint(path, '--ckpt', 'small')
+        models.model_from_checkpoint(path, '--ckpt', 'small')
     assert '\n' not in str(e.value) and 'bevformer_tiny_epoch_24.pth' in str(e.value)
 
 
@@ -89,19 +89,19 @@ def test_unknown_files_and_other_classes_name_the_candidates(tmp_path):
     state = official_state('tiny')
     del state['pts_bbox_head.cls_branches.0.6.weight']
     with pytest.raises(InputError, match=r'fits none of the presets tiny, .*closest: tiny, 1 keys') as e:
-        evaluate.official_preset(state, "--teacher 'x.pth'")
+        models.official_preset(state, "--teacher 'x.pth'")
     assert '\n' not in str(e.value)
     path = mmcv_checkpoint('detr3d-r101', str(tmp_path / 'd.pth'), meta_extra={'CLASSES': ('car', 'truck')})
     with pytest.raises(InputError, match='classes'):
-        evaluate.model_from_checkpoint(path)
+        models.model_from_checkpoint(path)
 
 
 def test_numpy_scalars_pass_but_arrays_and_code_are_refused(tmp_path):
     ok = mmcv_checkpoint('tiny', str(tmp_path / 'ok.pth'))
-    assert evaluate.load_checkpoint(ok)['meta']['hook_msgs']['best_score'] == pytest.approx(0.354)
+    assert models.load_checkpoint(ok)['meta']['hook_msgs']['best_score'] == pytest.approx(0.354)
     arr = mmcv_checkpoint('tiny', str(tmp_path / 'array.pth'), meta_extra={'scores': np.arange(3.0)})
     with pytest.raises(InputError, match='refused'):
-        evaluate.load_checkpoint(arr)
+        models.load_checkpoint(arr)
     marker = str(tmp_path / 'pwned')
 
     class Evil:
@@ -110,7 +110,7 @@ def test_numpy_scalars_pass_but_arrays_and_code_are_refused(tmp_path):
 
     bad = mmcv_checkpoint('tiny', str(tmp_path / 'evil.pth'), meta_extra={'x': Evil()})
     with pytest.raises(InputError, match='refused'):
-        evaluate.load_checkpoint(bad)
+        models.load_checkpoint(bad)
     assert not os.path.exists(marker)
 
 

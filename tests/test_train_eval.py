@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
@@ -103,9 +104,9 @@ def stand_in(monkeypatch):
         built.append(StandIn(cfg))
         return built[-1]
 
-    monkeypatch.setattr(evaluate, 'preset_config', lambda name, flag='--model': StandInConfig())
-    monkeypatch.setattr(evaluate, 'config_from_dict', lambda d, what='': StandInConfig(**d))
-    monkeypatch.setattr(evaluate, 'build_model', build)
+    monkeypatch.setattr(models, 'preset_config', lambda name, flag='--model': StandInConfig())
+    monkeypatch.setattr(models, 'config_from_dict', lambda d, what='': StandInConfig(**d))
+    monkeypatch.setattr(models, 'build_model', build)
     return built
 
 
@@ -186,13 +187,13 @@ def test_get_lr_warmup_from_a_third_then_cosine_to_the_floor():
 
 
 def test_set_overrides_convert_to_field_types_and_reject_unknown_keys():
-    cfg = evaluate.apply_overrides(StandInConfig(), ['width=16', 'drop=0.5', 'image_size=32,18', 'name=x'])
+    cfg = models.apply_overrides(StandInConfig(), ['width=16', 'drop=0.5', 'image_size=32,18', 'name=x'])
     assert (cfg.width, cfg.drop, cfg.image_size, cfg.name) == (16, 0.5, (32, 18), 'x')
     assert isinstance(cfg.width, int) and isinstance(cfg.image_size[0], int)
     with pytest.raises(data.InputError, match='unknown config field'):
-        evaluate.apply_overrides(StandInConfig(), ['bev_hh=3'])
+        models.apply_overrides(StandInConfig(), ['bev_hh=3'])
     with pytest.raises(data.InputError, match='expected int'):
-        evaluate.apply_overrides(StandInConfig(), ['width=wide'])
+        models.apply_overrides(StandInConfig(), ['width=wide'])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(world, stand_in, tmp_path)
         return model
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate, 'build_model', build_and_arm)
+        mp.setattr(models, 'build_model', build_and_arm)
         assert run_train(common + ['--out', b, '--workers', '2']) == 130
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # handler given back
     ckpt = _weights(os.path.join(b, 'last.pt'))
@@ -376,7 +377,7 @@ def test_malicious_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
     torch.save({'model': {}, 'config': {'detector': 'bevformer'}, 'x': _Evil(marker)}, path)
     assert not os.path.exists(marker)
     with pytest.raises(data.InputError, match='refused'):
-        evaluate.load_checkpoint(path)
+        models.load_checkpoint(path)
     assert not os.path.exists(marker)
     # the same file through the CLI: one line, non-zero, marker still absent
     r = subprocess.run([sys.executable, 'evaluate.py', '--ckpt', path], cwd=ROOT, capture_output=True, text=True)
@@ -524,9 +525,9 @@ def test_default_run_learns(tmp_path):
 if __name__ == '__main__' and '--stand-in' in sys.argv:
     # torchrun entry of test_torchrun_two_cpu_processes: train.py's main with the stand-in detector
     sys.argv.remove('--stand-in')
-    evaluate.preset_config = lambda name, flag='--model': StandInConfig()
-    evaluate.config_from_dict = lambda d, what='': StandInConfig(**d)
-    evaluate.build_model = StandIn
+    models.preset_config = lambda name, flag='--model': StandInConfig()
+    models.config_from_dict = lambda d, what='': StandInConfig(**d)
+    models.build_model = StandIn
     train.main()
 
 
