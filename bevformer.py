@@ -27,7 +27,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -40,6 +39,7 @@ from scipy.optimize import linear_sum_assignment
 
 from common import (CAN_BUS_FALLBACK, HISTORY_DRAW, IMAGE_LOADING, InputError, read_state_dict, resize_images,
                     save_checkpoint)
+from backbone import build_image_backbone, normalize_images
 from ops import ms_deform_attn
 
 
@@ -163,30 +163,6 @@ class BEVFormerConfig(DetectorConfig):
 # Image normalisation (a preset owns it: the official checkpoints differ), BEV geometry helpers
 # ---------------------------------------------------------------------------------------------
 
-IMAGENET_RGB = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))   # Tiny: to_rgb=True
-CAFFE_BGR = ((103.530, 116.280, 123.675), (1.0, 1.0, 1.0))          # Small/Base: to_rgb=False
-
-
-def normalize_images(img, img_shape, normalisation):
-    """img [B, N, 3, Hp, Wp] RGB 0..255 zero-padded; img_shape [B, 2] content (H, W).
-
-    The official pipeline normalises before padding, so the padding is zero in the normalised
-    image: we normalise the padded tensor and re-zero everything outside the content."""
-    if normalisation == 'caffe':
-        img = img.flip(2)                                    # RGB -> BGR (OpenCV order)
-        mean, std = CAFFE_BGR
-    else:
-        mean, std = IMAGENET_RGB
-    mean = img.new_tensor(mean).view(1, 1, 3, 1, 1)
-    std = img.new_tensor(std).view(1, 1, 3, 1, 1)
-    img = (img - mean) / std
-    Hp, Wp = img.shape[-2:]
-    rows = torch.arange(Hp, device=img.device)[None] < img_shape[:, 0:1]     # [B, Hp]
-    cols = torch.arange(Wp, device=img.device)[None] < img_shape[:, 1:2]     # [B, Wp]
-    inside = (rows[:, :, None] & cols[:, None, :]).to(img.dtype)            # [B, Hp, Wp]
-    return img * inside[:, None, None]
-
-
 def bev_grid(cfg, device, dtype=torch.float32):
     """Normalised (x, y) of the BEV cell centres [Q, 2], flat index q = h * W + w (column = x)."""
     ys, xs = torch.meshgrid((torch.arange(cfg.bev_h, device=device, dtype=dtype) + 0.5) / cfg.bev_h,
@@ -286,19 +262,14 @@ def align_prev_bev(prev_bev, can_delta, cfg):
 
 
 def msda(value, shapes, loc, attn):
-    """`ops.ms_deform_attn` with the level start indices computed here; counts multiply-adds while
-    `count_flops` runs (FlopCounterMode does not see the op's bilinear gathers).
-    value [B, S, M, D]; shapes [L, 2] (h, w); loc [B, Q, M, L, P, 2]; attn [B, Q, M, L, P]."""
-    start = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
-    if _FLOP_COUNT is not None:   # 4 bilinear corners + 1 weighting per sampled channel
-        _FLOP_COUNT[0] += attn.numel() * value.shape[-1] * 5
+    """`ops.ms_deform_attn` with the level start indices computed here.
+    value [B, S, M, D]; shapes [L, 2] (h, w); loc [B, Q, M, L, P, 2]; attn [B, Q, M, L, P] -> [B, Q, M*D]."""
+    start = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])   # [L]
     # outside autocast: the op computes half/bfloat16 inputs in fp32 (as the official fp32 wrapper;
     # sampling locations need the precision) and keeps float32/float64 as they are
     with torch.autocast(device_type=value.device.type, enabled=False):
         return ms_deform_attn(value, shapes, start, loc, attn)
 
-
-_FLOP_COUNT = None
 
 
 def _init_deformable(attn, heads, groups, points):
@@ -322,340 +293,6 @@ def _xavier(*linears):
     for m in linears:
         nn.init.xavier_uniform_(m.weight)
         nn.init.zeros_(m.bias)
-
-
-# ---------------------------------------------------------------------------------------------
-# Modulated deformable convolution v2 (Zhu et al. 2019), plain PyTorch
-# ---------------------------------------------------------------------------------------------
-
-class ModulatedDeformConv2d(nn.Module):
-    """3x3 DCNv2 with the parameter layout of mmcv's `ModulatedDeformConv2dPack` (no bias).
-
-    `conv_offset` predicts 27 channels per output pixel: channels 0-17 are the offsets, interleaved
-    (dy_k, dx_k) for the 9 kernel taps k in row-major order, channels 18-26 the mask logits.
-    The official kernel bilinearly samples the input at p0 + p_k + offset_k, treating every corner
-    outside the map as zero: that is `F.grid_sample(..., padding_mode='zeros', align_corners=False)`
-    when pixel coordinates are mapped to [-1, 1] as (2 * x + 1) / W - 1.
-    """
-
-    def __init__(self, in_channels, out_channels, stride=1):
-        super().__init__()
-        self.stride = stride
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
-        self.conv_offset = nn.Conv2d(in_channels, 27, 3, stride=stride, padding=1, bias=True)
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        # mmcv starts from a plain convolution: zero offsets, mask sigmoid(0) = 0.5 everywhere
-        nn.init.zeros_(self.conv_offset.weight)
-        nn.init.zeros_(self.conv_offset.bias)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        out = self.conv_offset(x)                                   # [B, 27, Ho, Wo]
-        Ho, Wo = out.shape[-2:]
-        offset = out[:, :18].view(B, 9, 2, Ho, Wo)                  # (dy, dx) per tap
-        mask = out[:, 18:].sigmoid()                                # [B, 9, Ho, Wo]
-
-        # sampling positions in input pixels: p = p0 + p_k + offset_k, with p0 = out_index * stride - 1
-        ys = torch.arange(Ho, device=x.device, dtype=x.dtype) * self.stride - 1
-        xs = torch.arange(Wo, device=x.device, dtype=x.dtype) * self.stride - 1
-        ky, kx = torch.meshgrid(torch.arange(3, device=x.device, dtype=x.dtype),
-                                torch.arange(3, device=x.device, dtype=x.dtype), indexing='ij')
-        py = ys.view(1, 1, Ho, 1) + ky.reshape(1, 9, 1, 1) + offset[:, :, 0]   # [B, 9, Ho, Wo]
-        px = xs.view(1, 1, 1, Wo) + kx.reshape(1, 9, 1, 1) + offset[:, :, 1]   # [B, 9, Ho, Wo]
-        grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], dim=-1)
-        sampled = F.grid_sample(x, grid.view(B, 9 * Ho, Wo, 2), mode='bilinear',
-                                padding_mode='zeros', align_corners=False)      # [B, C, 9*Ho, Wo]
-        sampled = sampled.view(B, C, 9, Ho, Wo) * mask[:, None]                # modulation
-        # the 3x3 convolution becomes one matmul over (C, tap): weight [O, C*9] @ [B, C*9, Ho*Wo]
-        out = self.weight.flatten(1) @ sampled.reshape(B, C * 9, Ho * Wo)
-        return out.view(B, -1, Ho, Wo)
-
-
-# ---------------------------------------------------------------------------------------------
-# ResNet (He et al. 2016), mmdet flavour: `pytorch` or `caffe` style, frozen stages, BN in eval mode
-# ---------------------------------------------------------------------------------------------
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-18/34). No DCN variant, as in mmdet."""
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, style='pytorch', dcn=False,
-                 with_cp=False):
-        super().__init__()
-        if dcn:
-            raise ValueError('DCN is only supported in Bottleneck blocks (ResNet-50/101)')
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.with_cp = with_cp
-
-    def _residual(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return out + (x if self.downsample is None else self.downsample(x))
-
-    def forward(self, x):
-        if self.with_cp and x.requires_grad:
-            return self.relu(torch.utils.checkpoint.checkpoint(self._residual, x, use_reentrant=False))
-        return self.relu(self._residual(x))
-
-
-class Bottleneck(nn.Module):
-    """1x1 -> 3x3 -> 1x1 (ResNet-50/101). `caffe` style strides the first 1x1, `pytorch` the 3x3;
-    with `dcn` the 3x3 is a modulated deformable convolution (Small/Base stages 3-4)."""
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, style='pytorch', dcn=False,
-                 with_cp=False):
-        super().__init__()
-        s1, s2 = (stride, 1) if style == 'caffe' else (1, stride)
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, s1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        if dcn:
-            self.conv2 = ModulatedDeformConv2d(planes, planes, stride=s2)
-        else:
-            self.conv2 = nn.Conv2d(planes, planes, 3, s2, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.with_cp = with_cp
-
-    def _residual(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return out + (x if self.downsample is None else self.downsample(x))
-
-    def forward(self, x):
-        if self.with_cp and x.requires_grad:   # gradient checkpointing (official Small: with_cp=True)
-            return self.relu(torch.utils.checkpoint.checkpoint(self._residual, x, use_reentrant=False))
-        return self.relu(self._residual(x))
-
-
-RESNET_ARCH = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
-               50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3))}
-
-
-class ResNet(nn.Module):
-    """mmdet's ResNet. Returns the maps of `out_indices` (0..3 = C2..C5, strides 4..32).
-
-    depth: 18/34/50/101. style: 'pytorch' | 'caffe'. frozen_stages: 1 freezes the stem and layer1
-    (-1 freezes nothing). dcn_stages: four booleans, DCNv2 in that stage's 3x3 convs. base_width:
-    64 is the standard ResNet; smaller widths scale every stage (CPU presets).
-    norm_eval: BatchNorm layers stay in eval mode (running statistics) even in training;
-    bn_frozen: BatchNorm affine parameters are not trained (official: both True).
-    """
-
-    def __init__(self, depth=50, style='pytorch', out_indices=(3,), frozen_stages=1,
-                 dcn_stages=(False, False, False, False), base_width=64, norm_eval=True,
-                 bn_frozen=True, with_cp=False):
-        super().__init__()
-        if depth not in RESNET_ARCH:
-            raise ValueError(f'ResNet depth must be one of {sorted(RESNET_ARCH)}, got {depth}')
-        block, blocks = RESNET_ARCH[depth]
-        self.out_indices = tuple(out_indices)
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
-        self.bn_frozen = bn_frozen
-
-        self.conv1 = nn.Conv2d(3, base_width, 7, 2, 3, bias=False)      # stem
-        self.bn1 = nn.BatchNorm2d(base_width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        inplanes = base_width
-        self.out_channels = []
-        for i, n in enumerate(blocks):
-            planes, stride = base_width * 2 ** i, (1 if i == 0 else 2)
-            downsample = None
-            if stride != 1 or inplanes != planes * block.expansion:
-                downsample = nn.Sequential(
-                    nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
-                    nn.BatchNorm2d(planes * block.expansion))
-            layers = [block(inplanes, planes, stride, downsample, style, dcn_stages[i], with_cp)]
-            inplanes = planes * block.expansion
-            layers += [block(inplanes, planes, 1, None, style, dcn_stages[i], with_cp)
-                       for _ in range(n - 1)]
-            self.add_module(f'layer{i + 1}', nn.Sequential(*layers))
-            self.out_channels.append(inplanes)
-        self.out_channels = [self.out_channels[i] for i in self.out_indices]
-
-        for name, m in self.named_modules():   # DCN offset convs keep their zero init
-            if isinstance(m, nn.Conv2d) and not name.endswith('conv_offset'):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        self._freeze()
-
-    def _frozen_modules(self):
-        if self.frozen_stages >= 0:
-            yield from (self.conv1, self.bn1)
-        for i in range(1, self.frozen_stages + 1):
-            yield getattr(self, f'layer{i}')
-
-    def _freeze(self):
-        for m in self._frozen_modules():
-            for p in m.parameters():
-                p.requires_grad_(False)
-        if self.bn_frozen:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    for p in m.parameters():
-                        p.requires_grad_(False)
-
-    def train(self, mode=True):
-        """Frozen stages and (with norm_eval) every BatchNorm stay in eval mode."""
-        super().train(mode)
-        if mode:
-            for m in self._frozen_modules():
-                m.eval()
-            if self.norm_eval:
-                for m in self.modules():
-                    if isinstance(m, nn.BatchNorm2d):
-                        m.eval()
-        return self
-
-    def forward(self, x):
-        """x [B', 3, H, W] -> list of [B', C_i, H / 2^(i+2), W / 2^(i+2)] for i in out_indices."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        outs = []
-        for i in range(4):
-            x = getattr(self, f'layer{i + 1}')(x)
-            if i in self.out_indices:
-                outs.append(x)
-        return outs
-
-
-# ---------------------------------------------------------------------------------------------
-# FPN (Lin et al. 2017), mmdet flavour
-# ---------------------------------------------------------------------------------------------
-
-class FPN(nn.Module):
-    """Lateral 1x1 convs, top-down nearest upsampling + add, 3x3 output convs, and extra stride-2
-    3x3 convs on the last output when num_outs exceeds the inputs used.
-
-    in_channels: channels of the backbone maps it receives; start_level: the first of them used
-    (DETR3D receives C2-C5 and starts at C3). With `add_extra_on_output` the first extra conv has no
-    ReLU before it (mmdet's `relu_before_extra_convs` only affects the second and later extra convs);
-    without it the extra levels are stride-2 max-pools, as mmdet does.
-    """
-
-    def __init__(self, in_channels=(2048,), out_channels=256, num_outs=1, start_level=0,
-                 add_extra_on_output=True, relu_before_extra_convs=False):
-        super().__init__()
-        used = list(in_channels)[start_level:]
-        self.start_level = start_level
-        self.num_outs = num_outs
-        self.relu_before_extra_convs = relu_before_extra_convs
-        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in used)
-        n_extra = num_outs - len(used) if add_extra_on_output else 0
-        self.fpn_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1)
-                                       for _ in used)
-        self.fpn_convs.extend(nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
-                              for _ in range(max(n_extra, 0)))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):   # mmdet's ConvModule default: xavier uniform, zero bias
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, feats):
-        """feats: list of [B', C_i, h_i, w_i] -> list of num_outs maps [B', out_channels, h, w]."""
-        feats = feats[self.start_level:]
-        laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
-        for i in range(len(laterals) - 1, 0, -1):          # top-down pathway
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(
-                laterals[i], size=laterals[i - 1].shape[-2:], mode='nearest')
-        outs = [self.fpn_convs[i](lat) for i, lat in enumerate(laterals)]
-        for k in range(len(laterals), self.num_outs):      # extra levels
-            if k < len(self.fpn_convs):
-                x = outs[-1]
-                if self.relu_before_extra_convs and k > len(laterals):
-                    x = F.relu(x)
-                outs.append(self.fpn_convs[k](x))
-            else:
-                outs.append(F.max_pool2d(outs[-1], 1, stride=2))
-        return outs
-
-
-# ---------------------------------------------------------------------------------------------
-# GridMask (Chen et al. 2020), the variant used by BEVFormer and DETR3D
-# ---------------------------------------------------------------------------------------------
-
-class GridMask(nn.Module):
-    """Zero out a grid of squares, shared by every image and channel of the batch (training only).
-
-    As configured officially (use_h, use_w, rotate=1 (never rotates), offset=False, ratio=0.5,
-    mode=1, prob=0.7): period d ~ U{2..h-1}, stripe width l = min(max(int(0.5 d + 0.5), 1), d - 1);
-    in mode 1 the kept region is the union of the stripes and the (d - l)^2 squares are zeroed.
-    The random draws use torch's global generator, so a restored RNG state replays them exactly.
-    """
-
-    def __init__(self, prob=0.7, ratio=0.5):
-        super().__init__()
-        self.prob = prob
-        self.ratio = ratio
-
-    def make_mask(self, h, w):
-        """A [h, w] float mask (1 = kept) for one draw."""
-        hh, ww = int(1.5 * h), int(1.5 * w)
-        d = int(torch.randint(2, h, ()).item())
-        l = min(max(int(d * self.ratio + 0.5), 1), d - 1)
-        st_h = int(torch.randint(d, ()).item())
-        st_w = int(torch.randint(d, ()).item())
-        stripes = np.zeros((hh, ww), dtype=np.float32)     # 1 on the stripes of width l
-        for i in range(hh // d):
-            s = d * i + st_h
-            stripes[s:min(s + l, hh), :] = 1
-        for i in range(ww // d):
-            s = d * i + st_w
-            stripes[:, s:min(s + l, ww)] = 1
-        top, left = (hh - h) // 2, (ww - w) // 2            # centre crop back to h x w
-        return torch.from_numpy(stripes[top:top + h, left:left + w].copy())
-
-    def forward(self, x):
-        """x [..., H, W] -> x times one shared mask (identity in eval mode or with prob 1 - p)."""
-        if not self.training or torch.rand(()).item() > self.prob:
-            return x
-        mask = self.make_mask(*x.shape[-2:]).to(device=x.device, dtype=x.dtype)
-        return x * mask
-
-
-# ---------------------------------------------------------------------------------------------
-# Pretrained backbone weights (--backbone-weights)
-# ---------------------------------------------------------------------------------------------
-
-def load_backbone_weights(backbone, path):
-    """Load ImageNet-style (torchvision names, `fc.*` ignored) or detector-style ResNet weights
-    (mmdet/FCOS3D `backbone.*`, official BEVFormer/DETR3D `img_backbone.*`, ours `backbone.*`).
-
-    Every backbone parameter must be filled except DCN offset convs, which ImageNet weights do not
-    have (they keep their zero init, as mmcv does). Returns the list of keys left at init.
-    """
-    state = read_state_dict(path, expected='a ResNet checkpoint (.pth/.pt)')
-    prefixes = ('img_backbone.', 'backbone.', 'module.backbone.', '')
-    own = backbone.state_dict()
-    for prefix in prefixes:      # the first prefix that names our stem is the checkpoint's
-        if prefix + 'conv1.weight' in state:
-            break
-    else:
-        raise InputError(f'{path}: no ResNet stem found (looked for conv1.weight with prefixes '
-                         f'{", ".join(repr(p) for p in prefixes[:-1])} or none)')
-    picked, left = {}, []
-    for k, v in own.items():
-        src = state.get(prefix + k)
-        if src is None:
-            if '.conv_offset.' in k:
-                left.append(k)
-                continue
-            raise InputError(f'{path}: missing backbone key {prefix + k} (expected shape {list(v.shape)})')
-        if src.shape != v.shape:
-            raise InputError(f'{path}: {prefix + k} has shape {list(src.shape)}, '
-                             f'the model expects {list(v.shape)} (wrong depth or width?)')
-        picked[k] = src
-    backbone.load_state_dict(picked, strict=False)
-    return left
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1034,16 +671,6 @@ def _num_pos_average(n, device):
 # ---------------------------------------------------------------------------------------------
 # The detector
 # ---------------------------------------------------------------------------------------------
-
-def build_image_backbone(cfg):
-    """ResNet, FPN and GridMask of a config (BEVFormer's or DETR3D's: the image path is shared)."""
-    dcn = (False, False, cfg.backbone_dcn, cfg.backbone_dcn)
-    backbone = ResNet(depth=cfg.backbone_depth, style=cfg.backbone_style, out_indices=cfg.backbone_out,
-                      frozen_stages=cfg.frozen_stages, dcn_stages=dcn, base_width=cfg.backbone_width,
-                      with_cp=cfg.with_cp, norm_eval=cfg.backbone_norm_eval, bn_frozen=cfg.backbone_bn_frozen)
-    neck = FPN(backbone.out_channels, cfg.embed_dims, num_outs=cfg.fpn_levels, add_extra_on_output=True)
-    return backbone, neck, GridMask(prob=cfg.grid_mask_prob)
-
 
 class BEVFormer(nn.Module):
     def __init__(self, cfg):
@@ -1428,10 +1055,6 @@ PRESETS = {
                                 num_query=300, grid_mask=False, dropout=0.0, **FROM_SCRATCH),
 }
 
-# GFLOPs of the paper's Table (FD3D, CVPR 2023), for `bench` (the comparison is indicative)
-PAPER_GFLOPS = {'fd3d-tiny': 381.95, 'fd3d-small': 416.46, 'base': 1323.41, 'base-r101': 1845.36}
-
-
 def get_config(name, **overrides):
     """A copy of preset `name` with field overrides (unknown names are InputErrors)."""
     if name not in PRESETS:
@@ -1441,81 +1064,6 @@ def get_config(name, **overrides):
     if bad:
         raise InputError(f'--set {bad[0]}: not a BEVFormerConfig field')
     return replace(PRESETS[name], **overrides)
-
-
-# ---------------------------------------------------------------------------------------------
-# A synthetic batch (smoke tests, benchmarks, `evaluate.py --speed` without data)
-# ---------------------------------------------------------------------------------------------
-
-# nuScenes-like rig in the LIDAR_TOP frame (x right, y forward): heading of each camera's optical
-# axis in degrees from +x, and its focal length for a 1600-pixel-wide image (front 70 deg, back 110 deg)
-TOY_RIG = (('CAM_FRONT', 90.0, 1266.0), ('CAM_FRONT_RIGHT', 35.0, 1260.0), ('CAM_FRONT_LEFT', 145.0, 1260.0),
-           ('CAM_BACK', 270.0, 800.0), ('CAM_BACK_LEFT', 200.0, 1260.0), ('CAM_BACK_RIGHT', 340.0, 1260.0))
-
-
-def toy_lidar2img(image_size, num_cams=6):
-    """lidar2img [N, 4, 4] of a nuScenes-like 6-camera rig at image_size (W, H), cameras 1.5 m up."""
-    W, H = image_size
-    s = W / 1600.0
-    mats = []
-    for _, heading, f in TOY_RIG[:num_cams]:
-        a = math.radians(heading)
-        z_c = np.array([math.cos(a), math.sin(a), 0.0])        # optical axis
-        x_c = np.array([math.sin(a), -math.cos(a), 0.0])       # image right
-        y_c = np.array([0.0, 0.0, -1.0])                       # image down
-        lidar_T_cam = np.eye(4)
-        lidar_T_cam[:3, :3] = np.stack([x_c, y_c, z_c], 1)
-        lidar_T_cam[:3, 3] = [0.0, 0.0, 0.0 + 0.0] + 0.5 * z_c + np.array([0, 0, -0.3])
-        K = np.eye(4)
-        K[:3, :3] = [[f * s, 0, 800 * s], [0, f * s, 450 * s], [0, 0, 1]]
-        mats.append(K @ np.linalg.inv(lidar_T_cam))
-    return torch.tensor(np.stack(mats), dtype=torch.float32)
-
-
-def example_batch(cfg, batch_size=1, history=True, num_gt=20, seed=0):
-    """A collated batch in data.collate's layout with random images, the toy rig, an ego driving
-    forward at 10 m/s, random GT boxes and (with history) queue_length - 1 history frames."""
-    g = torch.Generator().manual_seed(seed)
-    W, H = cfg.image_size
-    Wp, Hp = cfg.padded_size
-    N, B, T1 = cfg.num_cams, batch_size, (cfg.queue_length - 1 if history else 0)
-
-    def images():
-        img = torch.zeros(B, N, 3, Hp, Wp)
-        img[..., :H, :W] = torch.rand(B, N, 3, H, W, generator=g) * 255
-        return img
-
-    def can_bus(t):   # absolute pose at frame t (t = 0 the current frame, negative = the past)
-        c = torch.zeros(B, 18)
-        yaw = 0.3 + 0.02 * t + 0.1 * torch.arange(B)
-        c[:, 0] = 100 + 5.0 * t * torch.cos(yaw)
-        c[:, 1] = 200 + 5.0 * t * torch.sin(yaw)
-        c[:, 16] = yaw
-        c[:, 17] = torch.rad2deg(yaw)
-        return c
-
-    l2i = toy_lidar2img(cfg.image_size, N)[None].expand(B, -1, -1, -1).clone()
-    shape = torch.tensor([[H, W]] * B)
-    boxes, labels = [], []
-    for _ in range(B):
-        xy = (torch.rand(num_gt, 2, generator=g) - 0.5) * 80
-        z = torch.rand(num_gt, 1, generator=g) * 2 - 1
-        wlh = 0.5 + torch.rand(num_gt, 3, generator=g) * 4
-        yaw = (torch.rand(num_gt, 1, generator=g) - 0.5) * 2 * math.pi
-        vel = torch.randn(num_gt, 2, generator=g)
-        boxes.append(torch.cat([xy, z, wlh, yaw, vel], 1))
-        labels.append(torch.randint(0, cfg.num_classes, (num_gt,), generator=g))
-    batch = {'img': images(), 'img_shape': shape, 'lidar2img': l2i, 'can_bus': can_bus(0),
-             'gt_boxes': boxes, 'gt_labels': labels,
-             'sample_token': [f's{b}' for b in range(B)], 'scene_token': [f'scene{b}' for b in range(B)],
-             'timestamp': torch.zeros(B)}
-    if T1:
-        batch['history'] = {'img': torch.stack([images() for _ in range(T1)], 1),
-                            'img_shape': shape[:, None].expand(-1, T1, -1).clone(),
-                            'lidar2img': l2i[:, None].expand(-1, T1, -1, -1, -1).clone(),
-                            'can_bus': torch.stack([can_bus(t - T1) for t in range(T1)], 1)}
-        batch['history_valid'] = torch.ones(B, T1, dtype=torch.bool)
-    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1588,128 +1136,26 @@ def convert(official_path, preset, out_path):
     return model
 
 
-# ---------------------------------------------------------------------------------------------
-# Cost: parameters, FLOPs, CPU step time (`python bevformer.py bench`)
-# ---------------------------------------------------------------------------------------------
-
-def count_flops(model, batch):
-    """One no-grad eval-mode forward of `batch`. torch.utils.flop_counter.FlopCounterMode counts
-    matmuls and convolutions as 2 FLOPs per multiply-add; the deformable-attention op is counted by
-    hand (per sampled channel: 4 bilinear corners + 1 weighting = 5 multiply-adds), as are neither
-    the normalisations nor the DCN's bilinear sampling. Returns {'gmacs' (multiply-adds / 1e9, the
-    unit mmcv's get_flops calls "GFLOPs"), 'gflops' (= 2 * gmacs), 'msda_gmacs', 'dcn_gmacs' (the
-    DCN layers' own multiply-adds, included in gmacs; mmcv's counter skips DCN modules, which is why
-    the published figures of the DCN presets are lower)}."""
-    from torch.utils.flop_counter import FlopCounterMode
-    global _FLOP_COUNT
-    dcn_macs = [0]
-
-    def dcn_hook(m, inp, out):   # the deformable 3x3's matmul (its conv_offset is a plain Conv2d)
-        dcn_macs[0] += out.numel() * m.weight.shape[1] * 9
-
-    hooks = [m.register_forward_hook(dcn_hook) for m in model.modules() if isinstance(m, ModulatedDeformConv2d)]
-    was_training = model.training
-    # FlopCounterMode's module tracker trips over no-grad views of parameters that require grad
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    _FLOP_COUNT = [0]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(batch)
-        msda_macs = _FLOP_COUNT[0]
-    finally:
-        _FLOP_COUNT = None
-        for p, f in flags:
-            p.requires_grad_(f)
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    gmacs = counter.get_total_flops() / 2e9 + msda_macs / 1e9
-    return {'gmacs': gmacs, 'gflops': 2 * gmacs, 'msda_gmacs': msda_macs / 1e9, 'dcn_gmacs': dcn_macs[0] / 1e9}
-
-
-def train_step_time(cfg, iters=3, threads=2, seed=0):
-    """Median seconds of one training iteration (batch 1 with its own queue_length - 1 history
-    frames, forward + loss + backward + AdamW step) on the CPU."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    model = BEVFormer(cfg).train()
-    batch = example_batch(cfg, batch_size=1, history=True, seed=seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    times = []
-    for _ in range(iters + 1):                                   # the first one warms up
-        t = time.perf_counter()
-        loss = sum(model.loss(model(batch), batch).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[1:]))
-
-
-def bench(presets, iters=3, threads=2, step_presets=('cpu-tiny', 'cpu-base')):
-    torch.set_num_threads(threads)
-    print(f'# params and cost of one frame (batch 1, 6 cameras, eval forward, no history); torch {torch.__version__}, '
-          f'{threads} threads')
-    print('# GMACs = matmul/conv multiply-adds (FlopCounterMode FLOPs / 2) + deformable-attention MACs counted '
-          'by hand;')
-    print('# the paper column is FD3D Table GFLOPs (mmcv-style, i.e. multiply-adds): indicative only')
-    print('# "w/o DCN" leaves out the DCN layers\' own multiply-adds, which mmcv\'s counter does not see')
-    print(f'{"preset":<11} {"input WxH":>10} {"BEV":>8} {"params M":>9} {"GMACs":>9} {"w/o DCN":>9} '
-          f'{"MSDA GMACs":>11} {"paper":>8}')
-    for name in presets:
-        cfg = get_config(name)
-        torch.manual_seed(0)
-        model = BEVFormer(cfg)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        cost = count_flops(model, example_batch(cfg, batch_size=1, history=False))
-        paper = PAPER_GFLOPS.get(name)
-        print(f'{name:<11} {cfg.image_size[0]:>5}x{cfg.image_size[1]:<4} {cfg.bev_h:>4}x{cfg.bev_w:<3} {params:>9.2f} '
-              f'{cost["gmacs"]:>9.2f} {cost["gmacs"] - cost["dcn_gmacs"]:>9.2f} {cost["msda_gmacs"]:>11.2f} '
-              f'{paper if paper else "-":>8}', flush=True)
-        del model
-    print(f'# CPU training step (batch 1 with its own history frames, forward+loss+backward+AdamW, '
-          f'{threads} threads, median of {iters} after 1 warm-up)')
-    for name in step_presets:
-        cfg = get_config(name)
-        print(f'{name:<11} queue {cfg.queue_length}: {train_step_time(cfg, iters, threads):.2f} s/iter', flush=True)
-
-
-def cli(argv, family, presets, convert_fn, bench_fn, get_config_fn, steps, default_preset=None):
-    """The `convert` / `bench` command line shared by bevformer.py and detr3d.py (one detector family
-    each: `presets`, and its `convert`, `bench` and `get_config`)."""
-    p = argparse.ArgumentParser(description=f'{family}: official-checkpoint conversion and benchmarks')
+def cli(argv, family, presets, convert_fn, default_preset=None):
+    """`python bevformer.py convert OFFICIAL.pth --preset NAME --out X.pt` (detr3d.py has the same)."""
+    p = argparse.ArgumentParser(description=f'{family}: official mmdet3d checkpoint -> our checkpoint format')
     sub = p.add_subparsers(dest='cmd', required=True)
     c = sub.add_parser('convert', help='official mmdet3d checkpoint -> our checkpoint format')
     c.add_argument('official', help='official checkpoint (.pth), read with weights_only=True')
     c.add_argument('--preset', required=default_preset is None, default=default_preset,
                    help=f'one of {", ".join(presets)}')
     c.add_argument('--out', required=True, help='output checkpoint path (.pt)')
-    b = sub.add_parser('bench', help='params and GFLOPs of every preset, CPU step times of the CPU presets')
-    b.add_argument('--presets', default=','.join(presets), help='comma-separated presets for the cost table')
-    b.add_argument('--steps', default=','.join(steps), help='comma-separated presets to time a training step')
-    b.add_argument('--iters', type=int, default=3, help='timed iterations per preset')
-    b.add_argument('--threads', type=int, default=2, help='torch CPU threads')
     args = p.parse_args(argv)
     try:
-        if args.cmd == 'convert':
-            convert_fn(args.official, args.preset, args.out)
-            print(f'wrote {args.out} (preset {args.preset})')
-        else:
-            names = [n for n in args.presets.split(',') if n]
-            step_names = [n for n in args.steps.split(',') if n]
-            for n in names + step_names:
-                get_config_fn(n)
-            bench_fn(names, args.iters, args.threads, step_names)
+        convert_fn(args.official, args.preset, args.out)
+        print(f'wrote {args.out} (preset {args.preset})')
     except InputError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
 
 
 def main(argv=None):
-    cli(argv, 'BEVFormer', PRESETS, convert, bench, get_config, steps=('cpu-tiny', 'cpu-base'))
+    cli(argv, 'BEVFormer', PRESETS, convert)
 
 
 if __name__ == '__main__':

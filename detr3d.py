@@ -33,17 +33,16 @@ Where we differ from the official code:
 Shape letters: B batch, N cameras, C channels, Q object queries, L FPN levels, K boxes, H/W sizes.
 """
 import os
-import time
 from dataclasses import asdict, dataclass, fields, replace
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import bevformer
-from bevformer import (BEVFormer, DecoderLayer, DetectorConfig, build_image_backbone, cls_branch,
+from bevformer import (BEVFormer, DecoderLayer, DetectorConfig, cls_branch,
                        inverse_sigmoid, object_queries, project_points, reg_branch, refine_boxes)
+from backbone import build_image_backbone
 from common import InputError, save_checkpoint
 
 
@@ -329,10 +328,6 @@ PRESETS = {
                                     **bevformer.FROM_SCRATCH),
 }
 
-# GFLOPs of the FD3D paper's table (mmcv-style multiply-adds), for `bench` (indicative)
-PAPER_GFLOPS = {'detr3d-r101': 1016.83, 'detr3d-r50': 876.94}
-
-
 def get_config(name, **overrides):
     """A copy of preset `name` with field overrides (unknown names are InputErrors)."""
     if name not in PRESETS:
@@ -370,54 +365,8 @@ def convert(official_path, preset, out_path):
     return model
 
 
-# ---------------------------------------------------------------------------------------------
-# Cost: parameters, FLOPs, CPU step time (`python detr3d.py bench`)
-# ---------------------------------------------------------------------------------------------
-
-def train_step_time(cfg, iters=3, threads=2, seed=0):
-    """Median (wall, CPU) seconds of one training iteration on the CPU (batch 1, forward + loss +
-    backward + AdamW). The CPU time (all threads) bounds the wall time of an idle machine from above
-    and, unlike the wall time, barely moves when other processes share the cores."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    model = DETR3D(cfg).train()
-    batch = bevformer.example_batch(cfg, batch_size=1, history=False, seed=seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    times = []
-    for _ in range(iters + 1):                                   # the first one warms up
-        t, c = time.perf_counter(), time.process_time()
-        loss = sum(model.loss(model(batch), batch).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append((time.perf_counter() - t, time.process_time() - c))
-    return tuple(float(v) for v in np.median(np.array(times[1:]), 0))
-
-
-def bench(presets, iters=3, threads=2, step_presets=('detr3d-cpu-tiny', 'detr3d-cpu-base')):
-    torch.set_num_threads(threads)
-    print(f'# params and cost of one frame (batch 1, 6 cameras, eval forward); torch {torch.__version__}, '
-          f'{threads} threads; GMACs = FlopCounterMode FLOPs / 2 (bilinear sampling not counted)')
-    print('# "w/o DCN" leaves out the DCN layers\' own multiply-adds (mmcv\'s counter, used by the paper, skips them)')
-    print(f'{"preset":<16} {"input WxH":>10} {"params M":>9} {"GMACs":>9} {"w/o DCN":>9} {"paper":>8}')
-    for name in presets:
-        cfg = get_config(name)
-        torch.manual_seed(0)
-        model = DETR3D(cfg)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        cost = bevformer.count_flops(model, bevformer.example_batch(cfg, batch_size=1, history=False))
-        print(f'{name:<16} {cfg.image_size[0]:>5}x{cfg.image_size[1]:<4} {params:>9.2f} {cost["gmacs"]:>9.2f} '
-              f'{cost["gmacs"] - cost.get("dcn_gmacs", 0.0):>9.2f} {PAPER_GFLOPS.get(name, "-"):>8}', flush=True)
-        del model
-    print(f'# CPU training step (batch 1, forward+loss+backward+AdamW, {threads} threads, median of {iters})')
-    for name in step_presets:
-        wall, cpu = train_step_time(get_config(name), iters, threads)
-        print(f'{name:<16} {wall:.2f} s/iter wall, {cpu:.2f} s CPU', flush=True)
-
-
 def main(argv=None):
-    bevformer.cli(argv, 'DETR3D', PRESETS, convert, bench, get_config,
-                  steps=('detr3d-cpu-tiny', 'detr3d-cpu-base'), default_preset='detr3d-r101')
+    bevformer.cli(argv, 'DETR3D', PRESETS, convert, default_preset='detr3d-r101')
 
 
 if __name__ == '__main__':

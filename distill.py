@@ -890,7 +890,8 @@ def bench(pair='cpu', device='cpu', iters=3, warmup=1):
     d = Distiller(expert=expert, apprentice=apprentice, mode='fd3d').to(dev).train()
     queue = max(expert.cfg.queue_length, apprentice.cfg.queue_length)
     import data
-    batch = data.to_device(bevformer.example_batch(dataclasses.replace(expert.cfg, queue_length=queue)), dev)
+    import evaluate
+    batch = data.to_device(evaluate.example_batch(dataclasses.replace(expert.cfg, queue_length=queue)), dev)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
 
     def clock():  # (wall, CPU seconds of this process): the second is steadier on a shared machine

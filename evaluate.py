@@ -301,6 +301,187 @@ def visualise(ds, preds, out_dir, k, score_threshold=0.3):
 
 
 # ------------------------------------------------------------------------------------------------
+# A synthetic batch: timing and tests without a dataset (random pixels, a nuScenes-like rig)
+# ------------------------------------------------------------------------------------------------
+
+# nuScenes-like rig in the LIDAR_TOP frame (x right, y forward): heading of each camera's optical
+# axis in degrees from +x, and its focal length for a 1600-pixel-wide image (front 70 deg, back 110 deg)
+TOY_RIG = (('CAM_FRONT', 90.0, 1266.0), ('CAM_FRONT_RIGHT', 35.0, 1260.0), ('CAM_FRONT_LEFT', 145.0, 1260.0),
+           ('CAM_BACK', 270.0, 800.0), ('CAM_BACK_LEFT', 200.0, 1260.0), ('CAM_BACK_RIGHT', 340.0, 1260.0))
+
+
+def toy_lidar2img(image_size, num_cams=6):
+    """lidar2img [N, 4, 4] of a nuScenes-like 6-camera rig at image_size (W, H), cameras 1.5 m up."""
+    W, H = image_size
+    s = W / 1600.0
+    mats = []
+    for _, heading, f in TOY_RIG[:num_cams]:
+        a = math.radians(heading)
+        z_c = np.array([math.cos(a), math.sin(a), 0.0])        # optical axis
+        x_c = np.array([math.sin(a), -math.cos(a), 0.0])       # image right
+        y_c = np.array([0.0, 0.0, -1.0])                       # image down
+        lidar_T_cam = np.eye(4)
+        lidar_T_cam[:3, :3] = np.stack([x_c, y_c, z_c], 1)
+        lidar_T_cam[:3, 3] = [0.0, 0.0, 0.0 + 0.0] + 0.5 * z_c + np.array([0, 0, -0.3])
+        K = np.eye(4)
+        K[:3, :3] = [[f * s, 0, 800 * s], [0, f * s, 450 * s], [0, 0, 1]]
+        mats.append(K @ np.linalg.inv(lidar_T_cam))
+    return torch.tensor(np.stack(mats), dtype=torch.float32)
+
+
+def example_batch(cfg, batch_size=1, history=True, num_gt=20, seed=0):
+    """A collated batch in data.collate's layout with random images, the toy rig, an ego driving
+    forward at 10 m/s, random GT boxes and (with history) queue_length - 1 history frames."""
+    g = torch.Generator().manual_seed(seed)
+    W, H = cfg.image_size
+    Wp, Hp = cfg.padded_size
+    N, B, T1 = cfg.num_cams, batch_size, (cfg.queue_length - 1 if history else 0)
+
+    def images():
+        img = torch.zeros(B, N, 3, Hp, Wp)
+        img[..., :H, :W] = torch.rand(B, N, 3, H, W, generator=g) * 255
+        return img
+
+    def can_bus(t):   # absolute pose at frame t (t = 0 the current frame, negative = the past)
+        c = torch.zeros(B, 18)
+        yaw = 0.3 + 0.02 * t + 0.1 * torch.arange(B)
+        c[:, 0] = 100 + 5.0 * t * torch.cos(yaw)
+        c[:, 1] = 200 + 5.0 * t * torch.sin(yaw)
+        c[:, 16] = yaw
+        c[:, 17] = torch.rad2deg(yaw)
+        return c
+
+    l2i = toy_lidar2img(cfg.image_size, N)[None].expand(B, -1, -1, -1).clone()
+    shape = torch.tensor([[H, W]] * B)
+    boxes, labels = [], []
+    for _ in range(B):
+        xy = (torch.rand(num_gt, 2, generator=g) - 0.5) * 80
+        z = torch.rand(num_gt, 1, generator=g) * 2 - 1
+        wlh = 0.5 + torch.rand(num_gt, 3, generator=g) * 4
+        yaw = (torch.rand(num_gt, 1, generator=g) - 0.5) * 2 * math.pi
+        vel = torch.randn(num_gt, 2, generator=g)
+        boxes.append(torch.cat([xy, z, wlh, yaw, vel], 1))
+        labels.append(torch.randint(0, cfg.num_classes, (num_gt,), generator=g))
+    batch = {'img': images(), 'img_shape': shape, 'lidar2img': l2i, 'can_bus': can_bus(0),
+             'gt_boxes': boxes, 'gt_labels': labels,
+             'sample_token': [f's{b}' for b in range(B)], 'scene_token': [f'scene{b}' for b in range(B)],
+             'timestamp': torch.zeros(B)}
+    if T1:
+        batch['history'] = {'img': torch.stack([images() for _ in range(T1)], 1),
+                            'img_shape': shape[:, None].expand(-1, T1, -1).clone(),
+                            'lidar2img': l2i[:, None].expand(-1, T1, -1, -1, -1).clone(),
+                            'can_bus': torch.stack([can_bus(t - T1) for t in range(T1)], 1)}
+        batch['history_valid'] = torch.ones(B, T1, dtype=torch.bool)
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Cost: parameters, FLOPs, training-step time of every preset (`python evaluate.py --bench`)
+
+# GFLOPs of the FD3D paper's tables (mmcv-style, i.e. multiply-adds), printed beside ours (indicative)
+PAPER_GFLOPS = {'fd3d-tiny': 381.95, 'fd3d-small': 416.46, 'base': 1323.41, 'base-r101': 1845.36,
+                'detr3d-r101': 1016.83, 'detr3d-r50': 876.94}
+
+
+def count_flops(model, batch):
+    """One no-grad eval-mode forward of `batch`. torch.utils.flop_counter.FlopCounterMode counts
+    matmuls and convolutions as 2 FLOPs per multiply-add; the deformable-attention op is counted by
+    hand (per sampled channel: 4 bilinear corners + 1 weighting = 5 multiply-adds), as are neither
+    the normalisations nor the DCN's bilinear sampling. Returns {'gmacs' (multiply-adds / 1e9, the
+    unit mmcv's get_flops calls "GFLOPs"), 'gflops' (= 2 * gmacs), 'msda_gmacs', 'dcn_gmacs' (the
+    DCN layers' own multiply-adds, included in gmacs; mmcv's counter skips DCN modules, which is why
+    the published figures of the DCN presets are lower)}."""
+    from unittest import mock
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import backbone
+    import bevformer
+    msda_macs, dcn_macs = [0], [0]
+
+    def counted_msda(value, shapes, loc, attn):   # FlopCounterMode does not see the op's bilinear gathers
+        msda_macs[0] += attn.numel() * value.shape[-1] * 5
+        return plain_msda(value, shapes, loc, attn)
+
+    def dcn_hook(m, inp, out):   # the deformable 3x3's matmul (its conv_offset is a plain Conv2d)
+        dcn_macs[0] += out.numel() * m.weight.shape[1] * 9
+
+    plain_msda = bevformer.msda
+    hooks = [m.register_forward_hook(dcn_hook) for m in model.modules()
+             if isinstance(m, backbone.ModulatedDeformConv2d)]
+    was_training = model.training
+    # FlopCounterMode's module tracker trips over no-grad views of parameters that require grad
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        # every attention of bevformer.py calls the module-level `msda`: counted for this forward only
+        with torch.no_grad(), mock.patch.object(bevformer, 'msda', counted_msda), \
+                FlopCounterMode(display=False) as counter:
+            model(batch)
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    gmacs = counter.get_total_flops() / 2e9 + msda_macs[0] / 1e9
+    return {'gmacs': gmacs, 'gflops': 2 * gmacs, 'msda_gmacs': msda_macs[0] / 1e9, 'dcn_gmacs': dcn_macs[0] / 1e9}
+
+
+def train_step_time(cfg, iters=3, threads=2, seed=0):
+    """Median (wall, CPU) seconds of one training iteration on the CPU: batch 1 with the preset's own
+    queue_length - 1 history frames, forward + loss + backward + AdamW step. The CPU time (all threads)
+    bounds an idle machine's wall time from above and barely moves when other processes share the cores."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = models.build_model(cfg).train()
+    batch = example_batch(cfg, batch_size=1, history=True, seed=seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    times = []
+    for _ in range(iters + 1):                                   # the first one warms up
+        t, c = time.perf_counter(), time.process_time()
+        loss = sum(model.loss(model(batch), batch).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append((time.perf_counter() - t, time.process_time() - c))
+    return tuple(float(v) for v in np.median(np.array(times[1:]), 0))
+
+
+def bench(presets, step_presets, iters=3, threads=2):
+    """Print parameters and multiply-adds of one frame for `presets`, and the CPU training step of
+    `step_presets` (names of either detector)."""
+    torch.set_num_threads(threads)
+    print(f'# params and cost of one frame (batch 1, 6 cameras, eval forward, no history); torch {torch.__version__}, '
+          f'{threads} threads')
+    print('# GMACs = matmul/conv multiply-adds (FlopCounterMode FLOPs / 2) + deformable-attention MACs counted '
+          'by hand;')
+    print('# the paper column is the FD3D tables\' GFLOPs (mmcv-style, i.e. multiply-adds): indicative only')
+    print('# "w/o DCN" leaves out the DCN layers\' own multiply-adds, which mmcv\'s counter does not see')
+    print(f'{"preset":<16} {"input WxH":>10} {"BEV":>8} {"params M":>9} {"GMACs":>9} {"w/o DCN":>9} '
+          f'{"MSDA GMACs":>11} {"paper":>8}')
+    for name in presets:
+        cfg = models.preset_config(name, '--presets')
+        torch.manual_seed(0)
+        model = models.build_model(cfg)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        cost = count_flops(model, example_batch(cfg, batch_size=1, history=False))
+        bev = f'{cfg.bev_h:>4}x{cfg.bev_w:<3}' if cfg.detector == 'bevformer' else f'{"-":>8}'
+        print(f'{name:<16} {cfg.image_size[0]:>5}x{cfg.image_size[1]:<4} {bev} {params:>9.2f} '
+              f'{cost["gmacs"]:>9.2f} {cost["gmacs"] - cost["dcn_gmacs"]:>9.2f} {cost["msda_gmacs"]:>11.2f} '
+              f'{PAPER_GFLOPS.get(name, "-"):>8}', flush=True)
+        del model
+    print(f'# CPU training step (batch 1 with its own history frames, forward+loss+backward+AdamW, '
+          f'{threads} threads, median of {iters} after 1 warm-up)')
+    for name in step_presets:
+        cfg = models.preset_config(name, '--steps')
+        wall, cpu = train_step_time(cfg, iters, threads)
+        print(f'{name:<16} queue {cfg.queue_length}: {wall:.2f} s/iter wall, {cpu:.2f} s CPU', flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
 # Speed
 
 
@@ -308,10 +489,9 @@ def speed(model, cfg, device, amp=False, warmup=3, runs=10):
     """Latency of model.predict on one sample (batch 1) with the previous BEV in its state (a BEVFormer
     preset with queue_length > 1), images
     already at the preset's input size on the device: data loading, resizing and the host->device
-    copy are excluded. The input is bevformer.example_batch (random pixels, a nuScenes-like rig), so
+    copy are excluded. The input is `example_batch` (random pixels, a nuScenes-like rig), so
     no dataset is needed; the cost does not depend on the pixel values. Prints the protocol."""
-    import bevformer
-    batch = bevformer.example_batch(cfg, batch_size=1, history=False)
+    batch = example_batch(cfg, batch_size=1, history=False)
     img, l2i = batch['img'][0].to(device), batch['lidar2img'][0].to(device)
     can_bus, img_shape = batch['can_bus'][0].to(device), tuple(batch['img_shape'][0].tolist())
     params = sum(p.numel() for p in model.parameters())
@@ -335,9 +515,9 @@ def speed(model, cfg, device, amp=False, warmup=3, runs=10):
         if device.type == 'cuda':
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    # FLOPs of one forward without history (bevformer.count_flops: FlopCounterMode for matmuls and
+    # FLOPs of one forward without history (`count_flops`: FlopCounterMode for matmuls and
     # convolutions plus the deformable-attention op counted by hand)
-    flops = bevformer.count_flops(model, data.to_device(batch, device))
+    flops = count_flops(model, data.to_device(batch, device))
     latency = float(np.median(times))
     # BEVFormer carries the previous BEV from call to call; DETR3D and single-frame BEVFormer presets do not
     history = ('previous BEV in the state' if state is not None and state.get('bev') is not None
@@ -389,6 +569,14 @@ def get_args(argv=None):
                    help='expert checkpoint for --vis-focal (default: the one the --ckpt was trained with)')
     g.add_argument('--teacher-preset', help='with an official mmdet3d --teacher: its preset (default: inferred)')
     g.add_argument('--speed', action='store_true', help='latency, FPS, parameters and GFLOPs instead of metrics')
+    g.add_argument('--bench', action='store_true', help='parameters and GMACs of --presets, CPU training-step '
+                   'time of --steps (no data, no checkpoint)')
+    g.add_argument('--presets', default='tiny,small,base,fd3d-tiny,fd3d-small,base-r101,cpu-tiny,cpu-base,'
+                   'detr3d-r101,detr3d-r50,detr3d-cpu-tiny,detr3d-cpu-base', help='with --bench: the cost table')
+    g.add_argument('--steps', default='cpu-tiny,cpu-base,detr3d-cpu-tiny,detr3d-cpu-base',
+                   help='with --bench: presets whose CPU training step is timed')
+    g.add_argument('--iters', type=int, default=3, help='with --bench: timed steps per preset (after 1 warm-up)')
+    g.add_argument('--threads', type=int, default=2, help='with --bench: torch CPU threads')
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
     g.add_argument('--amp', action='store_true', help='fp16 autocast (CUDA only)')
@@ -408,6 +596,14 @@ def pick_device(name):
 
 
 def run(args):
+    if args.bench:
+        names = [n for n in args.presets.split(',') if n]
+        steps = [n for n in args.steps.split(',') if n]
+        for n in names:
+            models.preset_config(n, '--presets')
+        for n in steps:
+            models.preset_config(n, '--steps')
+        return bench(names, steps, args.iters, args.threads)
     device = pick_device(args.device)
     if args.set and not (args.model and not args.ckpt):
         raise InputError('--set applies to --model only (a checkpoint rebuilds the config it stored)')

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
+import backbone
 import data
 import distill
 import evaluate
@@ -365,8 +366,7 @@ def train(args, explicit=()):
     torch.manual_seed(args.seed + rank)
     model = models.build_model(cfg)
     if args.backbone_weights and ckpt is None:
-        import bevformer
-        left = bevformer.load_backbone_weights(model.backbone, args.backbone_weights)
+        left = backbone.load_backbone_weights(model.backbone, args.backbone_weights)
         left_note = f' ({len(left)} DCN offset tensors left at init)' if left else ''
         say(f'backbone weights from {args.backbone_weights}{left_note}')
     if ckpt is not None:
@@ -422,14 +422,14 @@ def train(args, explicit=()):
                         generator=torch.Generator(), worker_init_fn=ignore_sigint)
 
     # -- optimiser: AdamW, backbone at 0.1x lr (architecture.md section 1) -------------------------
-    backbone = {id(p) for p in model.backbone.parameters()}
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
     backbone_lr_mult = args.backbone_lr_mult
     if backbone_lr_mult is None:   # a pretrained ResNet is fine-tuned gently; one from scratch is not
         backbone_lr_mult = 0.1 if args.backbone_weights else 1.0
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
-        {'params': [p for p in params if id(p) in backbone], 'lr_mult': backbone_lr_mult},
-        {'params': [p for p in params if id(p) not in backbone], 'lr_mult': 1.0},
+        {'params': [p for p in params if id(p) in backbone_ids], 'lr_mult': backbone_lr_mult},
+        {'params': [p for p in params if id(p) not in backbone_ids], 'lr_mult': 1.0},
     ], lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler('cuda', enabled=use_amp)
     best = -1.0

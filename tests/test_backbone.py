@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fixtures
-from bevformer import FPN, GridMask, ModulatedDeformConv2d, ResNet, load_backbone_weights
+from backbone import FPN, GridMask, ModulatedDeformConv2d, ResNet, load_backbone_weights
 
 def manifest(name, prefix):
     """{key without prefix: shape} of one official module, from the derived key lists (tests/keys/)."""

@@ -13,7 +13,9 @@ import pytest
 import torch
 from pyquaternion import Quaternion
 
+import backbone
 import bevformer as bf
+import evaluate
 import fixtures
 from data import InputError
 
@@ -66,7 +68,7 @@ def test_projected_reference_points_match_devkit(world):
 
 def test_planted_feature_lands_in_the_bev_cells_that_see_it():
     cfg = small_cfg(bev_h=40, bev_w=40, fpn_levels=1, backbone_out=(2,), embed_dims=16, num_heads=2)
-    l2i = bf.toy_lidar2img(cfg.image_size)[None]                       # [1, 6, 4, 4]
+    l2i = evaluate.toy_lidar2img(cfg.image_size)[None]                       # [1, 6, 4, 4]
     Wp, Hp = cfg.padded_size
     uv, mask = bf.project_points(bf.pillar_points(cfg, 'cpu'), l2i, (Hp, Wp))
     cams = bf.compact_cameras(uv, mask)
@@ -373,10 +375,10 @@ def test_normalisation_rezeroes_the_padding():
     img[..., 6:, :] = 0
     img[..., 7:] = 0
     shape = torch.tensor([[6, 7]])
-    for mode, (mean, std) in (('rgb', bf.IMAGENET_RGB), ('caffe', bf.CAFFE_BGR)):
-        out = bf.normalize_images(img, shape, mode)
+    for mode, (mean, std) in (('rgb', backbone.IMAGENET_RGB), ('caffe', backbone.CAFFE_BGR)):
+        out = backbone.normalize_images(img, shape, mode)
         assert (out[..., 6:, :] == 0).all() and (out[..., 7:] == 0).all()
-        first = mean[0] if mode == 'rgb' else bf.CAFFE_BGR[0][0]     # channel 0 is R resp. B
+        first = mean[0] if mode == 'rgb' else backbone.CAFFE_BGR[0][0]     # channel 0 is R resp. B
         assert abs(float(out[0, 0, 0, 0, 0]) - (200 - first) / std[0]) < 1e-4
 
 
@@ -409,7 +411,7 @@ def test_batch_of_two_equals_one_by_one(preset, history):
     torch.manual_seed(0)
     model = bf.BEVFormer(cfg).eval()
     _randomize_attention(model)
-    batch = bf.example_batch(cfg, batch_size=2, seed=1, history=history)
+    batch = evaluate.example_batch(cfg, batch_size=2, seed=1, history=history)
     if history:
         batch['history_valid'][1, 0] = False                           # sample 1: a shorter history
     turn = torch.eye(4)                                                # sample 1: the rig turned by 0.5 rad
@@ -436,7 +438,7 @@ def test_float64_forward_and_backward_run_end_to_end():
     torch.manual_seed(0)
     model = bf.BEVFormer(cfg).eval()
     _randomize_attention(model)
-    batch = bf.example_batch(cfg, batch_size=1, seed=2)
+    batch = evaluate.example_batch(cfg, batch_size=1, seed=2)
     with torch.no_grad():
         ref = model(batch)
     model64 = copy.deepcopy(model).double()
@@ -498,7 +500,7 @@ def test_forward_loss_decode_outputs():
     cfg = small_cfg(frozen_stages=1, backbone_norm_eval=True, backbone_bn_frozen=True)   # as the official presets
     torch.manual_seed(0)
     model = bf.BEVFormer(cfg).train()
-    batch = bf.example_batch(cfg, batch_size=2, num_gt=5)
+    batch = evaluate.example_batch(cfg, batch_size=2, num_gt=5)
     out = model(batch)
     B, C, Q = 2, cfg.embed_dims, cfg.num_query
     assert out['bev'].shape == (B, C, cfg.bev_h, cfg.bev_w)
@@ -526,7 +528,7 @@ def test_history_runs_without_gradients_in_eval_mode_and_restores_training():
     cfg = small_cfg(dropout=0.5)
     torch.manual_seed(0)
     model = bf.BEVFormer(cfg).train()
-    batch = bf.example_batch(cfg, batch_size=1)
+    batch = evaluate.example_batch(cfg, batch_size=1)
     seen = []
     hook = model.encoder.layers[0].register_forward_hook(
         lambda m, i, o: seen.append((m.training, torch.is_grad_enabled())))
@@ -540,7 +542,7 @@ def test_predict_cache_matches_forward_and_resets_at_scene_change():
     cfg = small_cfg(queue_length=3)
     torch.manual_seed(0)
     model = bf.BEVFormer(cfg).eval()
-    batch = bf.example_batch(cfg, batch_size=1, seed=4)
+    batch = evaluate.example_batch(cfg, batch_size=1, seed=4)
     hist = batch['history']
     shape = tuple(batch['img_shape'][0].tolist())
     state = None
@@ -561,7 +563,7 @@ def test_predict_cache_matches_forward_and_resets_at_scene_change():
     # raw images at another size are resized to the preset's input
     W, H = cfg.image_size
     raw = torch.rand(6, 3, 2 * H, 2 * W) * 255
-    l2i = torch.diag(torch.tensor([2.0, 2.0, 1.0, 1.0])) @ bf.toy_lidar2img(cfg.image_size)
+    l2i = torch.diag(torch.tensor([2.0, 2.0, 1.0, 1.0])) @ evaluate.toy_lidar2img(cfg.image_size)
     assert model.predict(raw, l2i)['boxes'].shape[1] == 9
 
 
@@ -571,7 +573,7 @@ def test_single_frame_model_predicts_without_a_previous_bev():
     cfg = small_cfg(queue_length=1)
     torch.manual_seed(0)
     model = bf.BEVFormer(cfg).eval()
-    batch = bf.example_batch(cfg, batch_size=1, history=False, seed=4)
+    batch = evaluate.example_batch(cfg, batch_size=1, history=False, seed=4)
     shape = tuple(batch['img_shape'][0].tolist())
     args = (batch['img'][0], batch['lidar2img'][0], batch['can_bus'][0])
     first = model.predict(*args, img_shape=shape, scene_token='a')
@@ -640,7 +642,7 @@ def test_real_input_sizes_fd3d_tiny_backward_and_base_forward():
     torch.manual_seed(0)
     cfg = bf.PRESETS['fd3d-tiny']
     model = bf.BEVFormer(cfg).train()
-    batch = bf.example_batch(cfg, batch_size=1, history=False, num_gt=10)
+    batch = evaluate.example_batch(cfg, batch_size=1, history=False, num_gt=10)
     out = model(batch)
     sum(model.loss(out, batch).values()).backward()
     assert out['bev'].shape == (1, 256, 100, 100)
@@ -650,7 +652,7 @@ def test_real_input_sizes_fd3d_tiny_backward_and_base_forward():
     del model, out
     cfg = bf.PRESETS['base']
     model = bf.BEVFormer(cfg).eval()
-    batch = bf.example_batch(cfg, batch_size=1, history=False, num_gt=10)
+    batch = evaluate.example_batch(cfg, batch_size=1, history=False, num_gt=10)
     with torch.no_grad():
         out = model(batch)
     assert out['bev'].shape == (1, 256, 200, 200)

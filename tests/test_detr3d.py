@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import bevformer as bf
-import fixtures
 import detr3d
+import evaluate
+import fixtures
 import models
 from data import InputError
 
@@ -119,7 +120,7 @@ def test_cross_attention_samples_where_the_devkit_projects(world):
 def test_sampling_is_differentiable_in_the_reference_point_and_the_features():
     torch.manual_seed(0)
     cfg = small_cfg()
-    l2i = bf.toy_lidar2img(cfg.image_size)[None]
+    l2i = evaluate.toy_lidar2img(cfg.image_size)[None]
     Wp, Hp = cfg.padded_size
     ref = torch.tensor([[[0.5, 0.6, 0.55]]], requires_grad=True)            # 5 m ahead of the ego
     fpn = [torch.randn(1, 6, 4, Hp // 8, Wp // 8, requires_grad=True)]
@@ -143,7 +144,7 @@ def test_batch_of_two_equals_one_by_one():
     torch.manual_seed(0)
     model = detr3d.DETR3D(cfg).eval()
     _randomize(model)
-    batch = bf.example_batch(cfg, batch_size=2, history=False, seed=1)
+    batch = evaluate.example_batch(cfg, batch_size=2, history=False, seed=1)
     turn = torch.eye(4)                                                      # sample 1: the rig turned by 0.5 rad
     turn[:2, :2] = torch.tensor([[math.cos(0.5), -math.sin(0.5)], [math.sin(0.5), math.cos(0.5)]])
     batch['lidar2img'][1] = batch['lidar2img'][1] @ turn
@@ -163,7 +164,7 @@ def test_forward_loss_decode_predict():
     cfg = small_cfg()
     torch.manual_seed(0)
     model = detr3d.DETR3D(cfg).train()
-    batch = bf.example_batch(cfg, batch_size=2, history=False, num_gt=5)
+    batch = evaluate.example_batch(cfg, batch_size=2, history=False, num_gt=5)
     out = model(batch)
     B, C, Q, N, L = 2, cfg.embed_dims, cfg.num_query, 6, cfg.fpn_levels
     Wp, Hp = cfg.padded_size
@@ -198,7 +199,7 @@ def test_forward_loss_decode_predict():
     assert torch.allclose(res['boxes'], ref['boxes'], atol=1e-4) and torch.allclose(res['scores'], ref['scores'])
     W, H = cfg.image_size                                                    # raw images at another size
     raw = torch.rand(6, 3, 2 * H, 2 * W) * 255
-    l2i = torch.diag(torch.tensor([2.0, 2.0, 1.0, 1.0])) @ bf.toy_lidar2img(cfg.image_size)
+    l2i = torch.diag(torch.tensor([2.0, 2.0, 1.0, 1.0])) @ evaluate.toy_lidar2img(cfg.image_size)
     assert model.predict(raw, l2i)['boxes'].shape[1] == 9
 
 
@@ -291,7 +292,7 @@ def _expert_out(seed=0):
     _randomize(expert, seed)
     for p in expert.parameters():
         p.requires_grad_(False)
-    batch = bf.example_batch(cfg, batch_size=2, history=False, seed=seed)
+    batch = evaluate.example_batch(cfg, batch_size=2, history=False, seed=seed)
     captured = []                                  # what each layer's output_proj receives: the sampled sum
     hooks = [layer.cross_attn.output_proj.register_forward_hook(lambda m, i, o: captured.append(i[0]))
              for layer in expert.decoder.layers]
@@ -352,7 +353,7 @@ def test_distiller_on_a_detr3d_pair_zero_at_equality_positive_otherwise():
     _randomize(expert)
     with pytest.raises(InputError, match='--distill fitnet'):
         distill.Distiller(expert=expert, apprentice=apprentice, mode='fitnet')
-    batch = bf.example_batch(cfg, batch_size=2, history=False, num_gt=6)
+    batch = evaluate.example_batch(cfg, batch_size=2, history=False, num_gt=6)
     names = {'fd3d': ['kd_focal', 'kd_pv_0', 'kd_pv_1', 'kd_pv_2'], 'mgd': ['kd_pv_0', 'kd_pv_1', 'kd_pv_2'],
              'heatmap': ['kd_cwd_0', 'kd_cwd_1', 'kd_cwd_2']}
     for mode, keys in names.items():
@@ -386,7 +387,7 @@ def test_fd3d_parts_for_detr3d_work_or_are_refused_in_one_line():
     torch.manual_seed(0)
     cfg = small_cfg(num_query=30, image_size=(96, 54))
     expert, apprentice = detr3d.DETR3D(cfg).eval(), detr3d.DETR3D(cfg)
-    batch = bf.example_batch(cfg, batch_size=1, history=False, num_gt=4)
+    batch = evaluate.example_batch(cfg, batch_size=1, history=False, num_gt=4)
     pv, every = {'kd_pv_0', 'kd_pv_1', 'kd_pv_2'}, {'kd_focal', 'kd_pv_0', 'kd_pv_1', 'kd_pv_2'}
     for parts, keys in [(None, every), ('pv', pv), ('focal', {'kd_focal'}), ('pv,focal', every)]:
         d = distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d', parts=parts, areas='gt')
@@ -512,7 +513,7 @@ def test_real_input_size_detr3d_r50_forward():
     torch.manual_seed(0)
     cfg = detr3d.PRESETS['detr3d-r50']
     model = detr3d.DETR3D(cfg).eval()
-    batch = bf.example_batch(cfg, batch_size=1, history=False, num_gt=10)
+    batch = evaluate.example_batch(cfg, batch_size=1, history=False, num_gt=10)
     with torch.no_grad():
         out = model(batch)
     assert [tuple(f.shape[-2:]) for f in out['fpn']] == [(116, 200), (58, 100), (29, 50), (15, 25)]

@@ -264,6 +264,7 @@ import dataclasses  # noqa: E402
 import types  # noqa: E402
 
 import bevformer  # noqa: E402
+import evaluate  # noqa: E402
 from data import InputError  # noqa: E402
 
 SMALL = dict(num_query=20, dec_layers=2, enc_layers=1, queue_length=2)
@@ -279,7 +280,7 @@ def small_pair(seed=0):
 def test_apprentice_inputs_are_a_consistent_downscale():
     expert, apprentice = small_pair()
     ec, ac = expert.cfg, apprentice.cfg
-    batch = bevformer.example_batch(dataclasses.replace(ec, queue_length=3), batch_size=1, num_gt=4)
+    batch = evaluate.example_batch(dataclasses.replace(ec, queue_length=3), batch_size=1, num_gt=4)
     be, ba = distill.model_inputs(batch, ec, ac)
     assert tuple(ba['img'].shape[-2:]) == tuple(ac.padded_size)[::-1]
     assert ba['img_shape'].tolist() == [[45, 80]] and be['img_shape'].tolist() == [[90, 160]]
@@ -311,7 +312,7 @@ def test_no_gradient_reaches_expert_and_saved_apprentice_is_plain():
     before = {k: v.clone() for k, v in expert.state_dict().items()}
     d = distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d').train()
     assert not expert.training and apprentice.training
-    batch = bevformer.example_batch(expert.cfg, batch_size=1, num_gt=5)
+    batch = evaluate.example_batch(expert.cfg, batch_size=1, num_gt=5)
     losses = d(batch)
     assert {'kd_pv_0', 'kd_pv_1', 'kd_bev', 'kd_focal'} <= set(losses)
     sum(losses.values()).backward()
@@ -338,7 +339,7 @@ def test_focal_term_reads_the_expert_decoders_own_sampling():
     hooks = [layer.cross_attn.output_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
              for layer in expert.decoder.layers]
     with torch.no_grad():
-        out = expert(bevformer.example_batch(expert.cfg, batch_size=1, history=False))
+        out = expert(evaluate.example_batch(expert.cfg, batch_size=1, history=False))
     for h in hooks:
         h.remove()
     B, C, H, W = out['bev'].shape
@@ -409,7 +410,7 @@ def test_smoke_every_mode_trains_a_few_iterations(mode):
     expected = {'fd3d': {'kd_bev', 'kd_focal', 'kd_pv_0', 'kd_pv_1'}, 'mgd': {'kd_bev', 'kd_pv_0', 'kd_pv_1'},
                 'fitnet': {'kd_fitnet'}, 'heatmap': {'kd_heatmap', 'kd_cwd_0', 'kd_cwd_1'}, 'none': set()}[mode]
     for it in range(2):
-        losses = d(bevformer.example_batch(expert.cfg, batch_size=1, num_gt=5, seed=it))
+        losses = d(evaluate.example_batch(expert.cfg, batch_size=1, num_gt=5, seed=it))
         assert {k for k in losses if k.startswith('kd_')} == expected
         loss = sum(losses.values())
         assert torch.isfinite(loss)
@@ -423,7 +424,7 @@ def test_smoke_every_mode_trains_a_few_iterations(mode):
 
 def test_ablation_flags_select_terms():
     expert, apprentice = small_pair()
-    batch = bevformer.example_batch(expert.cfg, batch_size=1, num_gt=5)
+    batch = evaluate.example_batch(expert.cfg, batch_size=1, num_gt=5)
     for parts, keys in [('pv', {'kd_pv_0', 'kd_pv_1'}), ('bev,pv', {'kd_bev', 'kd_pv_0', 'kd_pv_1'}),
                         ('focal', {'kd_focal'})]:
         d = distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d', parts=parts, areas='gt')
@@ -467,7 +468,7 @@ def test_distiller_terms_zero_when_apprentice_features_equal_experts(mode):
     for k in list(d.kd):
         d.kd[k] = (nn.ModuleList(nn.Identity() for _ in d.kd[k]) if isinstance(d.kd[k], nn.ModuleList)
                    else IdentityUp() if k == 'bev_up' else nn.Identity())
-    batch = bevformer.example_batch(expert.cfg, batch_size=1, num_gt=6)
+    batch = evaluate.example_batch(expert.cfg, batch_size=1, num_gt=6)
     be, ba = distill.model_inputs(batch, expert.cfg, same_bev.cfg)
     with torch.no_grad():
         out_e = expert.eval()(be)
@@ -508,7 +509,7 @@ def test_vis_focal_writes_a_picture(tmp_path):
     expert, apprentice = small_pair()
     d = distill.Distiller(expert=expert, apprentice=apprentice, areas='gt', select='confident', score=0.0)
     path = str(tmp_path / 'focal.png')
-    n = distill.vis_focal(d, bevformer.example_batch(expert.cfg, batch_size=1, num_gt=4), path)
+    n = distill.vis_focal(d, evaluate.example_batch(expert.cfg, batch_size=1, num_gt=4), path)
     assert n == expert.cfg.num_query  # score 0: every query is confident
     from PIL import Image
     assert Image.open(path).size[0] > 500
@@ -650,7 +651,7 @@ def test_one_distillation_step_at_the_papers_real_sizes():
     apprentice = bevformer.BEVFormer(bevformer.get_config('fd3d-tiny'))
     # gate 0: a random expert's matched queries all fail the gate, and the areas need selected queries
     d = distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d', gate=0.0).train()
-    batch = bevformer.example_batch(expert.cfg, batch_size=1, history=False, num_gt=10)
+    batch = evaluate.example_batch(expert.cfg, batch_size=1, history=False, num_gt=10)
     be, ba = distill.model_inputs(batch, expert.cfg, apprentice.cfg)
     assert tuple(be['img'].shape[-2:]) == (928, 1600) and tuple(ba['img'].shape[-2:]) == (480, 800)
     with torch.no_grad():
