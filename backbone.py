@@ -34,7 +34,7 @@ def normalize_images(img, img_shape, normalisation):
         mean, std = CAFFE_BGR
     else:
         mean, std = IMAGENET_RGB
-    mean = img.new_tensor(mean).view(1, 1, 3, 1, 1)
+    mean = img.new_tensor(mean).view(1, 1, 3, 1, 1)                          # [1, 1, 3, 1, 1] per channel
     std = img.new_tensor(std).view(1, 1, 3, 1, 1)
     img = (img - mean) / std
     Hp, Wp = img.shape[-2:]
@@ -69,10 +69,11 @@ class ModulatedDeformConv2d(nn.Module):
         nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x):
+        """x [B, C, H, W] -> [B, out_channels, Ho, Wo] (3x3, padding 1, the layer's stride)."""
         B, C, H, W = x.shape
         out = self.conv_offset(x)                                   # [B, 27, Ho, Wo]
         Ho, Wo = out.shape[-2:]
-        offset = out[:, :18].view(B, 9, 2, Ho, Wo)                  # (dy, dx) per tap
+        offset = out[:, :18].view(B, 9, 2, Ho, Wo)                  # [B, 9, 2, Ho, Wo] (dy, dx) per tap
         mask = out[:, 18:].sigmoid()                                # [B, 9, Ho, Wo]
 
         # sampling positions in input pixels: p = p0 + p_k + offset_k, with p0 = out_index * stride - 1
@@ -82,13 +83,13 @@ class ModulatedDeformConv2d(nn.Module):
                                 torch.arange(3, device=x.device, dtype=x.dtype), indexing='ij')
         py = ys.view(1, 1, Ho, 1) + ky.reshape(1, 9, 1, 1) + offset[:, :, 0]   # [B, 9, Ho, Wo]
         px = xs.view(1, 1, 1, Wo) + kx.reshape(1, 9, 1, 1) + offset[:, :, 1]   # [B, 9, Ho, Wo]
-        grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], dim=-1)
-        sampled = F.grid_sample(x, grid.view(B, 9 * Ho, Wo, 2), mode='bilinear',
+        grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], dim=-1)   # [B, 9, Ho, Wo, 2]
+        sampled = F.grid_sample(x, grid.view(B, 9 * Ho, Wo, 2), mode='bilinear',   # [B, 9*Ho, Wo, 2]
                                 padding_mode='zeros', align_corners=False)      # [B, C, 9*Ho, Wo]
-        sampled = sampled.view(B, C, 9, Ho, Wo) * mask[:, None]                # modulation
+        sampled = sampled.view(B, C, 9, Ho, Wo) * mask[:, None]                # [B, C, 9, Ho, Wo] modulated
         # the 3x3 convolution becomes one matmul over (C, tap): weight [O, C*9] @ [B, C*9, Ho*Wo]
-        out = self.weight.flatten(1) @ sampled.reshape(B, C * 9, Ho * Wo)
-        return out.view(B, -1, Ho, Wo)
+        out = self.weight.flatten(1) @ sampled.reshape(B, C * 9, Ho * Wo)       # [B, O, Ho*Wo]
+        return out.view(B, -1, Ho, Wo)                                          # [B, O, Ho, Wo]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +119,7 @@ class BasicBlock(nn.Module):
         return out + (x if self.downsample is None else self.downsample(x))
 
     def forward(self, x):
+        """x [B, C_in, H, W] -> [B, planes, H / stride, W / stride]."""
         if self.with_cp and x.requires_grad:
             return self.relu(torch.utils.checkpoint.checkpoint(self._residual, x, use_reentrant=False))
         return self.relu(self._residual(x))
@@ -152,6 +154,7 @@ class Bottleneck(nn.Module):
         return out + (x if self.downsample is None else self.downsample(x))
 
     def forward(self, x):
+        """x [B, C_in, H, W] -> [B, 4 * planes, H / stride, W / stride]."""
         if self.with_cp and x.requires_grad:   # gradient checkpointing (official Small: with_cp=True)
             return self.relu(torch.utils.checkpoint.checkpoint(self._residual, x, use_reentrant=False))
         return self.relu(self._residual(x))

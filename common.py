@@ -35,9 +35,9 @@ def resize_images(img, size, antialias):
     W, H = int(size[0]), int(size[1])
     if tuple(img.shape[-2:]) == (H, W):
         return img
-    x = img.reshape(-1, *img.shape[-3:])
+    x = img.reshape(-1, *img.shape[-3:])                        # [..., 3, H, W] -> [B', 3, H, W]
     x = F.interpolate(x, size=(H, W), mode='bilinear', align_corners=False, antialias=antialias)
-    return x.view(*img.shape[:-2], H, W)
+    return x.view(*img.shape[:-2], H, W)                       # [..., 3, h, w]
 
 
 # ------------------------------------------------------------------------------------------------
