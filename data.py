@@ -357,7 +357,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
             self.nusc.get('ego_pose', sd['ego_pose_token'])
 
     def lidar2img(self, sample, scale):
-        """[N, 4, 4] img_T_lidar per camera (architecture.md 7.2): each camera with its own ego pose.
+        """[N, 4, 4] img_T_lidar per camera: each camera with its own ego pose (as the official converter's
+        `obtain_sensor2top` chains camera -> ego at the camera's time -> global -> ego at the lidar's -> lidar).
         scale: [N, 2] (sx, sy) of the resize applied to each image."""
         _, l_cs, l_pose = self._lidar_pose(sample)
         global_T_lidar = transform_matrix(l_pose['translation'], Quaternion(l_pose['rotation'])) @ \
@@ -375,7 +376,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
         return torch.tensor(np.stack(out), dtype=torch.float32)
 
     def can_bus(self, index, fallback=None):
-        """[18] absolute can_bus of BEVFormer's layout (architecture.md 7.3): 0-2 ego position (global, the
+        """[18] absolute can_bus of BEVFormer's layout (official `CustomNuScenesDataset.get_data_info` and the
+        converter's `_get_can_bus_info`): 0-2 ego position (global, the
         LIDAR_TOP sample_data's ego pose), 3-6 ego rotation (w, x, y, z), 7-9 acceleration, 10-12 rotation
         rate, 13-15 velocity (ego frame), 16 yaw in rad [0, 2pi), 17 the same yaw in degrees.
         7-15 come from the CAN-bus expansion when present (pose message; accel, rotation rate and velocity
@@ -438,7 +440,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
 
     def gt(self, sample):
         """gt_boxes [K, 9] (contract layout, LIDAR_TOP frame), gt_labels [K] int64 and the K annotation
-        tokens (architecture.md 7.5):
+        tokens, as the official converter and training pipeline give them (the valid_flag of
+        `_fill_trainval_infos`, mmdet3d's `ObjectRangeFilter`):
         boxes from the devkit at the lidar sample_data, velocity from `box_velocity` rotated into the lidar
         frame, kept when num_lidar_pts + num_radar_pts > 0 and |x|, |y| < 51.2 (z not filtered)."""
         lidar_token = sample['data']['LIDAR_TOP']
@@ -495,8 +498,9 @@ class NuScenesDataset(torch.utils.data.Dataset):
 
     def queue_draw(self, index, view=None, generator=None):
         """The dataset indices of a queue's history frames as the official code draws them, oldest first
-        (architecture.md 2.13): in training T-1 frames at random from the previous T ('random'), else the
-        T-1 immediately preceding frames; indices below 0 become 0 (frames of other scenes included)."""
+        (official `CustomNuScenesDataset.prepare_train_data`): in training T-1 frames at random from the
+        previous T ('random'), else the T-1 immediately preceding frames; indices below 0 become 0 (frames
+        of other scenes included)."""
         view = view or self.view
         T = view.queue_length
         if T <= 1:

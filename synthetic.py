@@ -3,7 +3,7 @@
 Why: nobody can run anything without the 300 GB nuScenes download. This file writes a dataset that
 nuscenes-devkit loads as `NuScenes(version, DIR)` and scores with `DetectionEval`: the 13 tables, six
 camera JPEGs and one LIDAR_TOP point file per sample, and a map mask per log. Facts about what the
-devkit needs are in the spec `nuscenes-format.md`; the world itself:
+devkit needs (the tables, files and fields it reads) are in docs/data.md; the world itself:
 
 * One road per scene: a circular arc (radius 200-500 m, left or right turn), four 3.5 m lanes
   (right-hand traffic), bike lanes, parking lanes, sidewalks, terrain and unannotated buildings.
@@ -14,7 +14,8 @@ devkit needs are in the spec `nuscenes-format.md`; the world itself:
   speed per lane, so no collisions), cyclists in bike lanes, pedestrians walking on the sidewalks, and
   static ones (parked vehicles, a stopped bus, construction zones with barriers and cones, standing
   pedestrians, parked cycles) at exactly zero velocity. Attributes follow the velocity rule of
-  BEVFormer's decoder (architecture.md 2.12), so ground truth sent through the prediction path scores 1.
+  BEVFormer's test-time formatting (mmdet3d's `NuScenesDataset._format_bbox`), so ground truth sent
+  through the prediction path scores 1.
 * Rendering: per camera, one ray per pixel. The ground (z = 0) gets a texture, lane marks, haze; above
   the horizon a sky gradient. Boxes are ray-cast (slab test) only inside their projected 2D bounding box,
   with a z-buffer for occlusion. Each face is shaded by a sun direction; the front face (+x of the box,
@@ -22,7 +23,8 @@ devkit needs are in the spec `nuscenes-format.md`; the world itself:
   jittered per instance and sizes overlap, so colour alone does not give position, heading or velocity.
   Per-image exposure and pixel noise, JPEG quality 90. Objects are drawn where they are at the sample
   (lidar) time and the ego where it is at each camera's own time, so `lidar2img` built with each
-  camera's own ego pose (architecture.md 7.2) is exact for every object, moving or not.
+  camera's own ego pose (as the official converter's `obtain_sensor2top`) is exact for every object,
+  moving or not.
 * LIDAR_TOP: ground rings plus points sampled on the faces of each annotated object that face the lidar,
   in proportion to its visible fraction in the cameras (a fully hidden object gets none, like in
   nuScenes). `num_lidar_pts` is counted with the devkit's `points_in_box` on the written points.
@@ -496,7 +498,8 @@ def _scene(args):
     kappa = rng.choice([-1, 1]) / rng.uniform(200, 500)
     theta0 = rng.uniform(-np.pi, np.pi)
     # Place the road so that every global coordinate within 75 m of the ego path is >= 0 (map margin,
-    # nuscenes-format.md §2: the devkit crops ~57 m around the ego from the map mask).
+    # the devkit's `NuScenesExplorer.render_ego_centric_map` crops 40 m x sqrt(2) ~ 57 m around the ego
+    # from the map mask).
     probe = Road((0.0, 0.0), theta0, kappa)
     path = probe.point(np.linspace(0, ego_v * duration, 100), np.zeros(100))
     lo, hi = path.min(0) - 75.0, path.max(0) + 75.0
@@ -608,7 +611,8 @@ def _scene(args):
         ks = range(inside[0], inside[-1] + 1)
         inst = tok('instance', m)
         moving = objs['v'][m] != 0
-        # BEVFormer's test-time attribute rule (architecture.md 2.12), so GT through the prediction path scores 1
+        # BEVFormer's test-time attribute rule (mmdet3d's `NuScenesDataset._format_bbox`), so GT through the
+        # prediction path scores 1
         if cls in (0, 1, 2, 4):
             attr = 'vehicle.moving' if moving else 'vehicle.parked'
         elif cls == 3:

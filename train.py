@@ -8,11 +8,18 @@ one GPU or many (torchrun), then evaluate it with the official nuScenes metrics.
                     --lr 2e-4 --backbone-weights resnet50.pth
     torchrun --nproc_per_node=8 train.py ...          # DDP; --batch-size is per process
 
-One flat loop, in the order things happen: arguments -> config (preset + --set) -> model (and
-distiller) -> data in a resumable order -> AdamW (backbone 0.1x lr) -> the loop (get_lr, forward,
-NaN guard, backward, clip, step, log, evaluate, checkpoint, Ctrl-C) -> final evaluation.
+Where to read: the loop is `train()`, the last function before the command line; one screen:
+get_lr -> `train_step` (forward, NaN guard, backward, clip, step) -> log -> periodic evaluation and
+best.pt -> last.pt -> Ctrl-C -> final evaluation. What it runs on is made by `setup_run`, one small
+helper per step in the order things happen: processes and device -> arguments (merged with the
+checkpoint's on --resume) -> config (preset + --set) -> model and distiller -> data in a resumable
+order -> AdamW (backbone at its own lr multiple) -> log. Above them: the flags, the schedule, the data
+order and the RNG states; `save_state`/`restore_state` are the checkpoint, `keep_if_best` the only
+writer of best.pt.
+
 Defaults of the schedule are tuned for the synthetic default run; the official nuScenes recipe is
-`--epochs 24 --lr 2e-4` on 8 GPUs x 1 sample (architecture.md section 1).
+`--epochs 24 --lr 2e-4` on 8 GPUs x 1 sample (the official BEVFormer configs: AdamW, weight decay
+0.01, backbone lr x0.1, cosine with a 500-iteration linear warm-up from 1/3).
 
 Exact resume (CPU): the data order depends only on (seed, iteration) (a DistributedSampler
 permutation per epoch), every loaded item draws its randomness (history frames, photometric
@@ -70,7 +77,8 @@ def make_parser():
     g.add_argument('--teacher-preset', help='preset of an official --teacher checkpoint (default: inferred from '
                                             'its keys and shapes)')
     g.add_argument('--distill', default='fd3d', help='fd3d, heatmap, fitnet, mgd or none (with --teacher)')
-    # every choice the FD3D paper leaves open (README "Paper notes"; defaults from specs/fd3d.md)
+    # every choice the FD3D paper leaves open, with the reason for each default: docs/fd3d.md "Every flag"
+    # (which expert queries teach: docs/fd3d.md)
     g.add_argument('--fd3d-parts', default=None,
                    help='FD3D terms: a subset of pv,bev,focal (ablations); default all of the detector\'s '
                         '(DETR3D: pv,focal)')
@@ -317,289 +325,37 @@ def peak_memory_mb(device):
 
 
 # ------------------------------------------------------------------------------------------------
-# Training
+# Setup: one helper per step, called in this order by setup_run. The order is part of the behaviour:
+# a new run's weights, its distiller's own parts and its first GridMask all draw from the generators
+# seeded in setup_run, so moving a step that draws would change every loss after it.
 
 
-def train(args, explicit=()):
-    """Run the whole job; returns {'iter', 'interrupted', 'summary'} (summary: final metrics on rank 0)."""
-    t_start = time.perf_counter()
-    # -- processes and device ------------------------------------------------------------------
+def setup_processes(device_flag):
+    """(rank, world, device) of this process: the only one, or one of torchrun's (read from the
+    variables torchrun sets), each on its own GPU and all joined in one process group."""
     world = int(os.environ.get('WORLD_SIZE', 1))
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
-    device = evaluate.pick_device(args.device)
+    device = evaluate.pick_device(device_flag)
     if device.type == 'cuda' and world > 1:
         device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    # -- resume: the checkpoint's arguments, except flags typed now ------------------------------
-    ckpt = None
-    if args.resume:
-        ckpt = models.load_checkpoint(args.resume, '--resume')
-        # flags added after a checkpoint was written keep the behaviour it was trained with
-        older = {k: v for k, v in FLAG_BEFORE_IT_EXISTED.items() if k not in ckpt['args']}
-        kept = {k: v for k, v in {**older, **ckpt['args']}.items() if k not in explicit and k != 'resume'}
-        args = argparse.Namespace(**{**vars(args), **kept})
-        args.out = args.out if 'out' in explicit else os.path.dirname(os.path.abspath(args.resume))
-    # after the resume merge: a resumed run uses the checkpoint's thread count, since the summation
-    # order of CPU kernels depends on it and exact resume needs the same order
-    if args.threads or world > 1:
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    use_amp = args.amp and device.type == 'cuda'
-    if args.amp and not use_amp:
-        say('note: --amp is ignored on the CPU (autocast only pays off on CUDA)')
+    return rank, world, device
 
-    # -- config and model -------------------------------------------------------------------------
-    if ckpt is not None:
-        cfg = models.config_from_dict(ckpt['config'], what=f"--resume '{args.resume}'")
-    else:
-        cfg = models.apply_overrides(models.preset_config(args.model or 'cpu-tiny', '--model'), args.set)
-    args.model = cfg.name
-    if not args.out:
-        args.out = os.path.join('runs', f'{cfg.name}-{args.distill}' if args.teacher else cfg.name)
-    refuse_to_overwrite(args, ckpt)
-    # every rank its own augmentation randomness (DDP copies rank 0's initial weights to the others)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    model = models.build_model(cfg)
-    if args.backbone_weights and ckpt is None:
-        left = backbone.load_backbone_weights(model.backbone, args.backbone_weights)
-        left_note = f' ({len(left)} DCN offset tensors left at init)' if left else ''
-        say(f'backbone weights from {args.backbone_weights}{left_note}')
-    if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-    model.to(device)
 
-    # ---- distillation (FD3D and baselines; owned by distill.py) ---------------------------------
-    # The distiller is one explicit wrapper: it holds the frozen expert and the apprentice (`model`)
-    # and its forward returns the loss dict. Its own trainable parts (generators, adapters) are
-    # trained with the apprentice and stored under the checkpoint's 'distiller' key.
-    # The loader reads at the expert's resolution and serves the longer history of the two models.
-    distiller, load_view, apprentice_view = None, data.view_of(cfg), None
-    if args.teacher:
-        expert, _, _ = models.model_from_checkpoint(args.teacher, '--teacher', args.teacher_preset)
-        distiller = distill.Distiller(
-            expert=expert.to(device), apprentice=model, mode=args.distill, parts=args.fd3d_parts,
-            select=args.fd3d_select, score=args.fd3d_score, gate=args.fd3d_gate, box_scale=args.fd3d_box_scale,
-            mask_ratio=args.fd3d_mask_ratio, areas=args.fd3d_areas, bg_weight=args.fd3d_bg_weight,
-            pv_norm=args.fd3d_pv_norm, w_pv=args.fd3d_w_pv, w_bev=args.fd3d_w_bev, w_focal=args.fd3d_w_focal,
-            w_fitnet=args.kd_w_fitnet, w_heatmap=args.kd_w_heatmap, w_cwd=args.kd_w_cwd,
-            expert_input=args.kd_expert_input, init_head=args.init_head_from_expert and ckpt is None).to(device)
-        load_view, apprentice_view = distill.loader_views(expert.cfg, cfg, args.kd_expert_input)
-        if ckpt is not None and 'distiller' in ckpt:
-            distiller.kd.load_state_dict(ckpt['distiller'])
-    # ---------------------------------------------------------------------------------------------
-    trained = distiller if distiller is not None else model
-    net = DDP(trained, device_ids=[device.index] if device.type == 'cuda' else None,
-              find_unused_parameters=True) if world > 1 else trained
-
-    # -- data ---------------------------------------------------------------------------------------
-    if args.dataroot == DEFAULT_DATAROOT and not os.path.isdir(args.dataroot):
-        if master:
-            say(f'writing the synthetic world to {args.dataroot} (once)')
-            data.write_synthetic_world(args.dataroot, **data.DEFAULT_WORLD)
-        if world > 1:
-            dist.barrier()
-    args.version = data.resolve_version(args.dataroot, args.version)     # 'auto' -> the folder's version
-    # photometric distortion: the trained model's preset decides unless --photometric/--no-photometric
-    photometric = getattr(cfg, 'photometric', False) if args.photometric is None else args.photometric
-    train_set = data.NuScenesDataset(args.dataroot, version=args.version, split='train', train=True,
-                                     photometric=photometric, view=load_view, apprentice=apprentice_view)
-    val_set = None if args.no_eval and not args.eval_every else data.NuScenesDataset(
-        args.dataroot, version=args.version, split='val', train=False, view=data.view_of(cfg, queue_length=1))
-    per_epoch = len(train_set) // world // args.batch_size
-    if per_epoch == 0:
-        raise InputError(f'--batch-size {args.batch_size}: the train split has only {len(train_set)} samples '
-                         f'for {world} process(es)')
-    total = args.epochs * per_epoch if args.epochs else args.iters
-    start = ckpt['iter'] if ckpt is not None else 0
-    order = TrainOrder(train_set, args.batch_size, rank, world, args.seed, start, total)
-    # The loader gets its own generator so that creating it never advances torch's global one.
-    loader = DataLoader(Seeded(train_set), batch_sampler=order, collate_fn=data.collate, num_workers=args.workers,
-                        generator=torch.Generator(), worker_init_fn=ignore_sigint)
-
-    # -- optimiser: AdamW, backbone at 0.1x lr (architecture.md section 1) -------------------------
-    backbone_ids = {id(p) for p in model.backbone.parameters()}
-    backbone_lr_mult = args.backbone_lr_mult
-    if backbone_lr_mult is None:   # a pretrained ResNet is fine-tuned gently; one from scratch is not
-        backbone_lr_mult = 0.1 if args.backbone_weights else 1.0
-    params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([
-        {'params': [p for p in params if id(p) in backbone_ids], 'lr_mult': backbone_lr_mult},
-        {'params': [p for p in params if id(p) not in backbone_ids], 'lr_mult': 1.0},
-    ], lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler('cuda', enabled=use_amp)
-    best = -1.0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        best = ckpt.get('best', -1.0)
-
-    # -- output folder, log ---------------------------------------------------------------------------
-    log_path, curve_path = os.path.join(args.out, 'log.jsonl'), os.path.join(args.out, 'learning_curve.png')
-    if master:
-        os.makedirs(args.out, exist_ok=True)
-        rows = [r for r in read_log(log_path) if r['iter'] <= start] if ckpt is not None else []
-        with open(log_path + '.tmp', 'w') as f:      # a resumed run drops what came after its checkpoint
-            f.writelines(json.dumps(r) + '\n' for r in rows)
-        os.replace(log_path + '.tmp', log_path)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f'{cfg.name}: {n_params / 1e6:.2f} M parameters on {device}'
-        + (f' x {world} processes' if world > 1 else '') + f'; train {len(train_set)} samples, '
-        f'{total} iterations of {args.batch_size} per process ({per_epoch} per epoch); out {args.out}'
-        + (f'; resumed at iteration {start}' if ckpt is not None else ''))
-
-    def checkpoint(it, path):
-        """Every rank calls it (the RNG states of all ranks are gathered); rank 0 writes."""
-        states = [None] * world
-        if world > 1:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        if not master:
-            return
-        state = {'model': model.state_dict(), 'config': dataclasses.asdict(cfg), 'args': vars(args),
-                 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'iter': it,
-                 'rng': states, 'best': best}
-        if distiller is not None:   # its trainable parts only: the expert has its own checkpoint
-            state['distiller'] = distiller.kd.state_dict()
-        save_checkpoint(state, path)
-
-    def run_eval(out_dir, quiet):
-        """Evaluate the current weights on val; training RNG states are left untouched."""
-        saved = rng_state()
-        with open(os.devnull, 'w') as devnull, \
-                (contextlib.redirect_stdout(devnull) if quiet else contextlib.nullcontext()):
-            summary = evaluate.evaluate_split(model, val_set, out_dir, device,
-                                              evaluate.eval_set_name(args.version, 'val'), rank, world,
-                                              workers=min(args.workers, 1), progress=not quiet)
-        set_rng_state(saved)
-        return summary
-
-    # -- Ctrl-C: finish the iteration, save, exit cleanly ---------------------------------------------
-    interrupted = {'flag': False}
-
-    def on_sigint(signum, frame):
-        if interrupted['flag']:            # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        interrupted['flag'] = True
-
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
-
-    # -- the loop ------------------------------------------------------------------------------------
-    if ckpt is not None:
-        set_rng_state(ckpt['rng'][rank] if len(ckpt['rng']) == world else ckpt['rng'][0])
-    net.train()
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=start, disable=not master, dynamic_ncols=True, desc='train')
-    window, t_last, cpu_last, it = [], time.perf_counter(), time.process_time(), start
-    try:
-        for it, batch in enumerate(loader, start):
-            batch = data.to_device(batch, device)
-            lr = get_lr(it, args.lr, total, args.warmup, args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group['lr'] = lr * group['lr_mult']
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                if distiller is not None:
-                    losses = net(batch)
-                else:
-                    losses = model.loss(net(batch), batch)
-            loss = sum(losses.values())
-            # NaN/Inf guard (all ranks agree) and Ctrl-C (all ranks stop at the same iteration)
-            flags = torch.tensor([float(not torch.isfinite(loss)), float(interrupted['flag'])], device=device)
-            if world > 1:
-                dist.all_reduce(flags)
-            if flags[0] > 0:
-                values = {k: round(v.item(), 4) for k, v in losses.items()}
-                raise FloatingPointError(f'non-finite loss at iteration {it} (lr {lr:.3g}): {values}')
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-
-            now, cpu_now = time.perf_counter(), time.process_time()
-            # dt: wall seconds of the iteration (data wait included); cpu: CPU seconds this process
-            # used for it (all threads), a figure that other jobs on a shared machine do not inflate
-            window.append({'loss': loss.item(), **{k: v.item() for k, v in losses.items()},
-                           'grad_norm': float(grad_norm), 'dt': now - t_last, 'cpu': cpu_now - cpu_last})
-            t_last, cpu_last = now, cpu_now
-            bar.update(1)
-            bar.set_postfix(loss=f"{window[-1]['loss']:.3f}", lr=f'{lr:.2e}')
-            done = it + 1
-            if done % args.log_every == 0 or done == total:
-                mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                if world > 1:
-                    vec = torch.tensor(list(mean.values()), device=device)
-                    dist.all_reduce(vec)
-                    mean = dict(zip(mean, (vec / world).tolist()))
-                if master:
-                    with open(log_path, 'a') as f:
-                        f.write(json.dumps({'iter': done, 'epoch': it // per_epoch, 'lr': lr,
-                                            **{k: round(v, 5) for k, v in mean.items()}}) + '\n')
-                window = []
-            if args.eval_every and done % args.eval_every == 0 and done < total:
-                summary = run_eval(os.path.join(args.out, 'eval'), quiet=True)
-                if master:
-                    with open(log_path, 'a') as f:
-                        row = {'iter': done, 'NDS': summary['nd_score'], 'mAP': summary['mean_ap']}
-                        f.write(json.dumps(row) + '\n')
-                    bar.write(f"iteration {done}: val NDS {summary['nd_score']:.4f} mAP {summary['mean_ap']:.4f}")
-                    improved = summary['nd_score'] > best
-                    best = max(best, summary['nd_score'])
-                    plot_curve(log_path, curve_path)
-                if world > 1:
-                    improved = broadcast(improved if master else None)
-                if improved:
-                    checkpoint(done, os.path.join(args.out, 'best.pt'))
-                net.train()
-                t_last, cpu_last = time.perf_counter(), time.process_time()
-            if done % args.ckpt_every == 0 or done == total or flags[1] > 0:
-                checkpoint(done, os.path.join(args.out, 'last.pt'))
-                t_last, cpu_last = time.perf_counter(), time.process_time()
-            if flags[1] > 0:
-                bar.close()
-                say(f'interrupted: saved {os.path.join(args.out, "last.pt")} at iteration {done}; continue with '
-                    f'`python train.py --resume {os.path.join(args.out, "last.pt")}`')
-                return {'iter': done, 'interrupted': True, 'summary': None}
-        it = total
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        bar.close()
-    if start >= total:
-        say(f'nothing to train: the checkpoint is at iteration {start} of {total}')
-    rows = read_log(log_path) if master else []
-    times, cpu = [r['dt'] for r in rows if 'dt' in r], [r['cpu'] for r in rows if 'cpu' in r]
-    memory = peak_memory_mb(device)
-    if master and times:
-        load = os.getloadavg()[0]
-        say(f'time per iteration {np.median(times):.3f} s wall, {np.median(cpu):.3f} s CPU (medians of the '
-            f'logged steps; load average {load:.1f} on {os.cpu_count()} CPUs); peak memory {memory}')
-        with open(log_path, 'a') as f:
-            f.write(json.dumps({'iter': total, 'time_per_iter_s': float(np.median(times)),
-                                'cpu_per_iter_s': float(np.median(cpu)), 'load_average': load, **memory}) + '\n')
-        plot_curve(log_path, curve_path)
-
-    # -- final evaluation ----------------------------------------------------------------------------------
-    summary = None
-    if not args.no_eval:
-        summary = run_eval(args.out, quiet=False)
-        if master:
-            with open(log_path, 'a') as f:
-                f.write(json.dumps({'iter': total, 'NDS': summary['nd_score'], 'mAP': summary['mean_ap'],
-                                    'final': True}) + '\n')
-            plot_curve(log_path, curve_path)
-            if args.eval_every and summary['nd_score'] > best:
-                best = summary['nd_score']
-                save_checkpoint({**torch.load(os.path.join(args.out, 'last.pt'), weights_only=True),
-                                 'best': best}, os.path.join(args.out, 'best.pt'))
-            say(f'total wall time {(time.perf_counter() - t_start) / 60:.1f} min')
-            evaluate.print_last_line(summary)
-    return {'iter': total, 'interrupted': False, 'summary': summary}
+def resolve_args(args, explicit):
+    """(args, ckpt). A new run: (args, None). --resume: the checkpoint's arguments except the flags typed
+    now (`explicit`), --out defaulting to the checkpoint's folder, and the loaded checkpoint."""
+    if not args.resume:
+        return args, None
+    ckpt = models.load_checkpoint(args.resume, '--resume')
+    # flags added after a checkpoint was written keep the behaviour it was trained with
+    older = {k: v for k, v in FLAG_BEFORE_IT_EXISTED.items() if k not in ckpt['args']}
+    kept = {k: v for k, v in {**older, **ckpt['args']}.items() if k not in explicit and k != 'resume'}
+    args = argparse.Namespace(**{**vars(args), **kept})
+    args.out = args.out if 'out' in explicit else os.path.dirname(os.path.abspath(args.resume))
+    return args, ckpt
 
 
 def refuse_to_overwrite(args, ckpt):
@@ -613,10 +369,452 @@ def refuse_to_overwrite(args, ckpt):
                          f'pick another --out, or pass --overwrite to replace it')
 
 
+def set_threads(threads, world):
+    """torch's CPU threads: --threads, else CPUs / processes under torchrun, else torch's default.
+    Called after the resume merge: a resumed run uses its checkpoint's count, since the summation order
+    of CPU kernels depends on it and exact resume needs the same order."""
+    if threads or world > 1:
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
+
+
+def run_config(args, ckpt):
+    """The trained model's config: the checkpoint's on resume (--set is not applied again), else the
+    preset with --set applied."""
+    if ckpt is not None:
+        return models.config_from_dict(ckpt['config'], what=f"--resume '{args.resume}'")
+    return models.apply_overrides(models.preset_config(args.model or 'cpu-tiny', '--model'), args.set)
+
+
+def seed_generators(seed):
+    """Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_model(args, cfg, ckpt, device, say):
+    """The detector being trained, on `device`: new weights from the seeded generators (the backbone's
+    from --backbone-weights when given), or the checkpoint's on resume."""
+    model = models.build_model(cfg)
+    if args.backbone_weights and ckpt is None:
+        left = backbone.load_backbone_weights(model.backbone, args.backbone_weights)
+        left_note = f' ({len(left)} DCN offset tensors left at init)' if left else ''
+        say(f'backbone weights from {args.backbone_weights}{left_note}')
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+    return model.to(device)
+
+
+def make_distiller(args, cfg, model, ckpt, device):
+    """(distiller, load_view, apprentice_view); distiller is None without --teacher.
+
+    The distiller (distill.py: FD3D and the baselines) is one explicit wrapper: it holds the frozen
+    expert and the apprentice (`model`) and its forward returns the loss dict. Its own trainable parts
+    (generators, adapters) are trained with the apprentice and stored under the checkpoint's 'distiller'
+    key. The loader reads every sample as the expert sees it (load_view) and, unless --kd-expert-input
+    upsampled, also as the apprentice does (apprentice_view: its own size, history and CAN bus), so that
+    the apprentice trains on the pixels its evaluation loads (distill.loader_views)."""
+    if not args.teacher:
+        return None, data.view_of(cfg), None
+    expert, _, _ = models.model_from_checkpoint(args.teacher, '--teacher', args.teacher_preset)
+    distiller = distill.Distiller(
+        expert=expert.to(device), apprentice=model, mode=args.distill, parts=args.fd3d_parts,
+        select=args.fd3d_select, score=args.fd3d_score, gate=args.fd3d_gate, box_scale=args.fd3d_box_scale,
+        mask_ratio=args.fd3d_mask_ratio, areas=args.fd3d_areas, bg_weight=args.fd3d_bg_weight,
+        pv_norm=args.fd3d_pv_norm, w_pv=args.fd3d_w_pv, w_bev=args.fd3d_w_bev, w_focal=args.fd3d_w_focal,
+        w_fitnet=args.kd_w_fitnet, w_heatmap=args.kd_w_heatmap, w_cwd=args.kd_w_cwd,
+        expert_input=args.kd_expert_input, init_head=args.init_head_from_expert and ckpt is None).to(device)
+    load_view, apprentice_view = distill.loader_views(expert.cfg, cfg, args.kd_expert_input)
+    if ckpt is not None and 'distiller' in ckpt:
+        distiller.kd.load_state_dict(ckpt['distiller'])
+    return distiller, load_view, apprentice_view
+
+
+def wrap_for_ddp(trained, world, device):
+    """Under torchrun, DDP averages the gradients over the processes (and copies rank 0's initial
+    weights to the others); not every parameter gets a gradient in every iteration, hence
+    find_unused_parameters."""
+    if world == 1:
+        return trained
+    return DDP(trained, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=True)
+
+
+def prepare_dataroot(args, rank, world, say):
+    """The version of --dataroot ('auto' resolved to the one whose tables are there). The default
+    synthetic world is written first when missing, by rank 0 while the others wait."""
+    if args.dataroot == DEFAULT_DATAROOT and not os.path.isdir(args.dataroot):
+        if rank == 0:
+            say(f'writing the synthetic world to {args.dataroot} (once)')
+            data.write_synthetic_world(args.dataroot, **data.DEFAULT_WORLD)
+        if world > 1:
+            dist.barrier()
+    return data.resolve_version(args.dataroot, args.version)
+
+
+def make_datasets(args, cfg, load_view, apprentice_view):
+    """(train_set, val_set); val_set is None when nothing will be evaluated."""
+    # photometric distortion: the trained model's preset decides unless --photometric/--no-photometric
+    photometric = getattr(cfg, 'photometric', False) if args.photometric is None else args.photometric
+    train_set = data.NuScenesDataset(args.dataroot, version=args.version, split='train', train=True,
+                                     photometric=photometric, view=load_view, apprentice=apprentice_view)
+    if args.no_eval and not args.eval_every:
+        return train_set, None
+    val_set = data.NuScenesDataset(args.dataroot, version=args.version, split='val', train=False,
+                                   view=data.view_of(cfg, queue_length=1))
+    return train_set, val_set
+
+
+def count_iterations(args, n_train, world):
+    """(per_epoch, total): iterations per pass over the train split (every process runs the same
+    number) and in the whole run (--epochs passes, else --iters)."""
+    per_epoch = n_train // world // args.batch_size
+    if per_epoch == 0:
+        raise InputError(f'--batch-size {args.batch_size}: the train split has only {n_train} samples '
+                         f'for {world} process(es)')
+    return per_epoch, (args.epochs * per_epoch if args.epochs else args.iters)
+
+
+def make_loader(train_set, args, rank, world, start, total):
+    """Batches for iterations start..total-1, in the order TrainOrder fixes and with each item's
+    randomness seeded by Seeded, so that where a run starts does not change what it sees."""
+    order = TrainOrder(train_set, args.batch_size, rank, world, args.seed, start, total)
+    # The loader gets its own generator so that creating it never advances torch's global one.
+    return DataLoader(Seeded(train_set), batch_sampler=order, collate_fn=data.collate, num_workers=args.workers,
+                      generator=torch.Generator(), worker_init_fn=ignore_sigint)
+
+
+def make_optimizer(args, model, trained, use_amp):
+    """(optimizer, scaler, params). AdamW over the trainable parameters of `trained` (the model, or the
+    distiller: the apprentice plus the distiller's own parts) in two groups, the backbone's at
+    --backbone-lr-mult times the lr (the official configs: paramwise_cfg img_backbone lr_mult=0.1);
+    the loss scaler of --amp (a no-op without it)."""
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    backbone_lr_mult = args.backbone_lr_mult
+    if backbone_lr_mult is None:   # a pretrained ResNet is fine-tuned gently; one from scratch is not
+        backbone_lr_mult = 0.1 if args.backbone_weights else 1.0
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {'params': [p for p in params if id(p) in backbone_ids], 'lr_mult': backbone_lr_mult},
+        {'params': [p for p in params if id(p) not in backbone_ids], 'lr_mult': 1.0},
+    ], lr=args.lr, weight_decay=args.weight_decay)
+    return optimizer, torch.amp.GradScaler('cuda', enabled=use_amp), params
+
+
+def start_log(log_path, resumed, start):
+    """log.jsonl of this run (rank 0): a new run starts it empty; a resumed one keeps the lines up to its
+    checkpoint's iteration and drops those after it (the resumed run writes them again)."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    rows = [r for r in read_log(log_path) if r['iter'] <= start] if resumed else []
+    with open(log_path + '.tmp', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+    os.replace(log_path + '.tmp', log_path)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop and its helpers share, made once by setup_run. Plain data (only `best` changes
+    during the run)."""
+    args: argparse.Namespace   # after the resume merge, with --model, --out and --version filled in
+    cfg: object                # the trained model's config
+    rank: int
+    world: int
+    device: torch.device
+    use_amp: bool
+    say: object                # print on rank 0, silent elsewhere
+    model: torch.nn.Module     # the detector being trained (the apprentice when distilling)
+    distiller: object          # distill.Distiller holding the expert and `model`, or None
+    net: torch.nn.Module       # what the loop calls: the distiller, else the model; DDP-wrapped under torchrun
+    params: list               # the trainable parameters (gradient clipping)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    val_set: object            # None when nothing is evaluated
+    per_epoch: int             # iterations per pass over the train split
+    start: int                 # first iteration (the checkpoint's on resume)
+    total: int                 # iterations of the whole run
+    log_path: str
+    curve_path: str
+    best: float = -1.0         # best val NDS so far (-1: none yet); stored in every checkpoint
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_run(args, explicit):
+    """(run, loader): everything before the first iteration, in the order it happens."""
+    rank, world, device = setup_processes(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)      # the other ranks stay silent
+    args, ckpt = resolve_args(args, explicit)
+    set_threads(args.threads, world)
+    use_amp = args.amp and device.type == 'cuda'
+    if args.amp and not use_amp:
+        say('note: --amp is ignored on the CPU (autocast only pays off on CUDA)')
+    cfg = run_config(args, ckpt)
+    args.model = cfg.name
+    if not args.out:
+        args.out = os.path.join('runs', f'{cfg.name}-{args.distill}' if args.teacher else cfg.name)
+    refuse_to_overwrite(args, ckpt)      # before anything is written
+    # every rank its own augmentation randomness (DDP copies rank 0's initial weights to the others)
+    seed_generators(args.seed + rank)
+    model = make_model(args, cfg, ckpt, device, say)
+    distiller, load_view, apprentice_view = make_distiller(args, cfg, model, ckpt, device)
+    trained = distiller if distiller is not None else model
+    net = wrap_for_ddp(trained, world, device)
+    args.version = prepare_dataroot(args, rank, world, say)    # stored resolved in the checkpoint's args
+    train_set, val_set = make_datasets(args, cfg, load_view, apprentice_view)
+    per_epoch, total = count_iterations(args, len(train_set), world)
+    start = ckpt['iter'] if ckpt is not None else 0
+    loader = make_loader(train_set, args, rank, world, start, total)
+    optimizer, scaler, params = make_optimizer(args, model, trained, use_amp)
+    run = Run(args=args, cfg=cfg, rank=rank, world=world, device=device, use_amp=use_amp, say=say, model=model,
+              distiller=distiller, net=net, params=params, optimizer=optimizer, scaler=scaler, val_set=val_set,
+              per_epoch=per_epoch, start=start, total=total, log_path=os.path.join(args.out, 'log.jsonl'),
+              curve_path=os.path.join(args.out, 'learning_curve.png'))
+    if ckpt is not None:
+        restore_state(run, ckpt)
+    if run.master:
+        start_log(run.log_path, ckpt is not None, start)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f'{cfg.name}: {n_params / 1e6:.2f} M parameters on {device}'
+        + (f' x {world} processes' if world > 1 else '') + f'; train {len(train_set)} samples, '
+        f'{total} iterations of {args.batch_size} per process ({per_epoch} per epoch); out {args.out}'
+        + (f'; resumed at iteration {start}' if ckpt is not None else ''))
+    return run, loader
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: save_state and restore_state are each other's inverse (the model's and the
+# distiller's weights are restored where they are made, in make_model and make_distiller)
+
+
+def save_state(run, it, path):
+    """Every rank calls it (the RNG states of all ranks are gathered); rank 0 writes, atomically."""
+    states = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if not run.master:
+        return
+    state = {'model': run.model.state_dict(), 'config': dataclasses.asdict(run.cfg), 'args': vars(run.args),
+             'optimizer': run.optimizer.state_dict(), 'scaler': run.scaler.state_dict(), 'iter': it,
+             'rng': states, 'best': run.best}
+    if run.distiller is not None:   # its trainable parts only: the expert has its own checkpoint
+        state['distiller'] = run.distiller.kd.state_dict()
+    save_checkpoint(state, path)
+
+
+def restore_state(run, ckpt):
+    """The optimiser, loss scaler, best NDS and generator states of a checkpoint. Called once the run
+    is built: nothing after it draws from the generators before the first iteration."""
+    run.optimizer.load_state_dict(ckpt['optimizer'])
+    run.scaler.load_state_dict(ckpt['scaler'])
+    run.best = ckpt.get('best', -1.0)
+    # a checkpoint of another number of processes: every rank continues from rank 0's states
+    set_rng_state(ckpt['rng'][run.rank] if len(ckpt['rng']) == run.world else ckpt['rng'][0])
+
+
+def keep_if_best(run, it, summary):
+    """The one writer of best.pt: the full state (as last.pt) whenever val NDS beats the best so far.
+    Rank 0 decides (it holds the metrics); every rank takes part in the save."""
+    improved = None
+    if run.master:
+        improved = summary['nd_score'] > run.best
+        run.best = max(run.best, summary['nd_score'])
+    if run.world > 1:
+        improved = broadcast(improved)
+    if improved:
+        save_state(run, it, os.path.join(run.args.out, 'best.pt'))
+
+
 def broadcast(value):
+    """Rank 0's value, on every rank."""
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# The pieces of one iteration, and what happens around the loop
+
+
+class CtrlC:
+    """While installed, the first Ctrl-C only sets `pressed`: the loop finishes the iteration, saves
+    last.pt and returns. A second one stops at once."""
+
+    def __init__(self):
+        self.pressed = False
+        self.previous = signal.signal(signal.SIGINT, self.on_sigint)
+
+    def on_sigint(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def uninstall(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def clock():
+    """(wall seconds, CPU seconds of this process, all threads)."""
+    return time.perf_counter(), time.process_time()
+
+
+def train_step(run, batch, it, lr, ctrl_c):
+    """One optimiser step at learning rate lr (the backbone's group at its multiple); returns
+    (loss, losses, grad_norm, stop). All ranks decide alike: a non-finite loss on any of them raises
+    before any weight changes, and a Ctrl-C on any of them stops all after this step."""
+    for group in run.optimizer.param_groups:
+        group['lr'] = lr * group['lr_mult']
+    with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.use_amp):
+        if run.distiller is not None:
+            losses = run.net(batch)              # the distiller's forward returns the loss dict
+        else:
+            losses = run.model.loss(run.net(batch), batch)
+    loss = sum(losses.values())
+    # read after the forward, so that a Ctrl-C during it stops the run after this iteration
+    flags = torch.tensor([float(not torch.isfinite(loss)), float(ctrl_c.pressed)], device=run.device)
+    if run.world > 1:
+        dist.all_reduce(flags)
+    if flags[0] > 0:
+        values = {k: round(v.item(), 4) for k, v in losses.items()}
+        raise FloatingPointError(f'non-finite loss at iteration {it} (lr {lr:.3g}): {values}')
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)        # clip the true gradients, not the scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.args.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss, losses, grad_norm, bool(flags[1] > 0)
+
+
+def append_log(path, row):
+    with open(path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+
+def log_means(run, window, it, lr):
+    """One log.jsonl line at iteration it + 1: the means of the iterations since the last line, over
+    the ranks too."""
+    mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+    if run.world > 1:
+        vec = torch.tensor(list(mean.values()), device=run.device)
+        dist.all_reduce(vec)
+        mean = dict(zip(mean, (vec / run.world).tolist()))
+    if run.master:
+        append_log(run.log_path, {'iter': it + 1, 'epoch': it // run.per_epoch, 'lr': lr,
+                                  **{k: round(v, 5) for k, v in mean.items()}})
+
+
+def evaluate_now(run, out_dir, quiet):
+    """Metrics of the current weights on val (all ranks share the work); training RNG states are left
+    untouched, so evaluating does not change the run."""
+    saved = rng_state()
+    with open(os.devnull, 'w') as devnull, \
+            (contextlib.redirect_stdout(devnull) if quiet else contextlib.nullcontext()):
+        summary = evaluate.evaluate_split(run.model, run.val_set, out_dir, run.device,
+                                          evaluate.eval_set_name(run.args.version, 'val'), run.rank, run.world,
+                                          workers=min(run.args.workers, 1), progress=not quiet)
+    set_rng_state(saved)
+    return summary
+
+
+def periodic_eval(run, done, bar):
+    """--eval-every: evaluate quietly into OUT/eval, log the metrics, keep best.pt."""
+    summary = evaluate_now(run, os.path.join(run.args.out, 'eval'), quiet=True)
+    if run.master:
+        append_log(run.log_path, {'iter': done, 'NDS': summary['nd_score'], 'mAP': summary['mean_ap']})
+        bar.write(f"iteration {done}: val NDS {summary['nd_score']:.4f} mAP {summary['mean_ap']:.4f}")
+        plot_curve(run.log_path, run.curve_path)
+    keep_if_best(run, done, summary)
+
+
+def log_speed(run):
+    """After the loop (rank 0): median time per iteration and peak memory, printed and logged."""
+    rows = read_log(run.log_path)
+    times, cpu = [r['dt'] for r in rows if 'dt' in r], [r['cpu'] for r in rows if 'cpu' in r]
+    if not times:
+        return
+    memory = peak_memory_mb(run.device)
+    load = os.getloadavg()[0]
+    run.say(f'time per iteration {np.median(times):.3f} s wall, {np.median(cpu):.3f} s CPU (medians of the '
+            f'logged steps; load average {load:.1f} on {os.cpu_count()} CPUs); peak memory {memory}')
+    append_log(run.log_path, {'iter': run.total, 'time_per_iter_s': float(np.median(times)),
+                              'cpu_per_iter_s': float(np.median(cpu)), 'load_average': load, **memory})
+    plot_curve(run.log_path, run.curve_path)
+
+
+def final_eval(run, t_start):
+    """The final evaluation into --out (the submission and the devkit's files), logged; best.pt is
+    updated when periodic evaluation keeps one; the last stdout line is `NDS x mAP y`."""
+    summary = evaluate_now(run, run.args.out, quiet=False)
+    if run.master:
+        append_log(run.log_path, {'iter': run.total, 'NDS': summary['nd_score'], 'mAP': summary['mean_ap'],
+                                  'final': True})
+        plot_curve(run.log_path, run.curve_path)
+    if run.args.eval_every:
+        keep_if_best(run, run.total, summary)
+    if run.master:
+        run.say(f'total wall time {(time.perf_counter() - t_start) / 60:.1f} min')
+        evaluate.print_last_line(summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: the loop
+
+
+def train(args, explicit=()):
+    """Run the whole job; returns {'iter', 'interrupted', 'summary'} (summary: final metrics on rank 0)."""
+    t_start = time.perf_counter()
+    run, loader = setup_run(args, explicit)
+    args, last_pt = run.args, os.path.join(run.args.out, 'last.pt')
+    run.net.train()
+    from tqdm import tqdm
+    bar = tqdm(total=run.total, initial=run.start, disable=not run.master, dynamic_ncols=True, desc='train')
+    window, last = [], clock()
+    ctrl_c = CtrlC()
+    try:
+        for it, batch in enumerate(loader, run.start):
+            lr = get_lr(it, args.lr, run.total, args.warmup, args.min_lr_ratio)
+            loss, losses, grad_norm, stop = train_step(run, data.to_device(batch, run.device), it, lr, ctrl_c)
+            now = clock()
+            # dt: wall seconds of the iteration (data wait included); cpu: CPU seconds this process
+            # used for it (all threads), a figure that other jobs on a shared machine do not inflate
+            window.append({'loss': loss.item(), **{k: v.item() for k, v in losses.items()},
+                           'grad_norm': float(grad_norm), 'dt': now[0] - last[0], 'cpu': now[1] - last[1]})
+            last = now
+            bar.update(1)
+            bar.set_postfix(loss=f"{window[-1]['loss']:.3f}", lr=f'{lr:.2e}')
+            done = it + 1
+            if done % args.log_every == 0 or done == run.total:
+                log_means(run, window, it, lr)
+                window = []
+            if args.eval_every and done % args.eval_every == 0 and done < run.total:
+                periodic_eval(run, done, bar)
+                run.net.train()             # evaluation left it in eval mode
+                last = clock()              # the evaluation's time belongs to no iteration
+            if done % args.ckpt_every == 0 or done == run.total or stop:
+                save_state(run, done, last_pt)
+                last = clock()              # nor the checkpoint's
+            if stop:
+                bar.close()
+                run.say(f'interrupted: saved {last_pt} at iteration {done}; continue with '
+                        f'`python train.py --resume {last_pt}`')
+                return {'iter': done, 'interrupted': True, 'summary': None}
+    finally:
+        ctrl_c.uninstall()
+        bar.close()
+    if run.start >= run.total:
+        run.say(f'nothing to train: the checkpoint is at iteration {run.start} of {run.total}')
+    if run.master:
+        log_speed(run)
+    summary = None if args.no_eval else final_eval(run, t_start)
+    return {'iter': run.total, 'interrupted': False, 'summary': summary}
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
 
 
 def main(argv=None):

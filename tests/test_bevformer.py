@@ -133,7 +133,7 @@ def test_rotation_matches_hand_computed_nearest_neighbour():
 
 
 def _pose_can_bus(xy, yaw):
-    """Absolute can_bus of an ego at global xy with heading yaw (rad) (architecture.md 7.3 layout)."""
+    """Absolute can_bus of an ego at global xy with heading yaw (rad) (data.py's layout; docs/data.md)."""
     c = torch.zeros(18, dtype=torch.float64)
     c[0], c[1] = xy
     q = Quaternion(axis=[0, 0, 1], angle=yaw)

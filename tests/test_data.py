@@ -136,7 +136,7 @@ CLASS_RANGE = {'car': 50, 'truck': 50, 'bus': 50, 'trailer': 50, 'construction_v
 
 
 def attribute_rule(name, speed):
-    """BEVFormer's test-time attribute (architecture.md 2.12)."""
+    """BEVFormer's test-time attribute (mmdet3d's `NuScenesDataset._format_bbox`)."""
     if speed > 0.2:
         if name in ('car', 'construction_vehicle', 'bus', 'truck', 'trailer'):
             return 'vehicle.moving'
