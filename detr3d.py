@@ -1,22 +1,25 @@
 """DETR3D in plain PyTorch: only what differs from BEVFormer.
 
 Paper: Wang et al., "DETR3D: 3D Object Detection from Multi-view Images via 3D-to-2D Queries", CoRL 2021.
-Official code: github.com/WangYueFt/detr3d (mmdet3d plugin; architecture.md section 3). DETR3D has no BEV:
+Official code: github.com/WangYueFt/detr3d (an mmdet3d plugin). DETR3D has no BEV:
 each object query owns a 3D reference point, projects it into every camera and FPN level, samples the
 image features there and refines the point layer by layer. This file follows that data path:
 
-  images -> ResNet + FPN                                  (bevformer.py, shared)
+  images -> ResNet + FPN                                  (backbone.py, shared)
   -> Detr3DCrossAtten: the reference point projected into all cameras and levels, bilinear samples,
      sigmoid weights x visibility, summed; + a positional encoding of the reference point (every layer)
   -> decoder layers (self-attn, LN, Detr3DCrossAtten, LN, FFN, LN; bevformer.DecoderLayer) with
      iterative refinement of the full 3D reference (bevformer.refine_boxes)
   -> heads, Hungarian matching, focal + L1 losses, NMS-free decoding   (bevformer.py, shared)
-  -> FD3D for DETR3D: focal distillation at the expert queries' projected reference points (fd3d.md 6)
-  -> presets, the detector, official checkpoints, `python detr3d.py convert|bench`.
+  -> presets, the detector, official checkpoints, `python detr3d.py convert`.
+FD3D for DETR3D (focal distillation at the expert queries' projected reference points, which reads the
+expert's out['dec'] uv/mask/attn through `sample_reference_features`) is in distill.py with the rest of
+the method.
 
 What is shared is imported, never copied: the image path (`extract_feats`), the loss and the decoding
-are BEVFormer's methods, which read only `cfg`, `backbone`, `neck`, `grid_mask` and `out['dec']`
-(architecture.md 3: "Head, loss, matching, coder and nuScenes export are identical to 2.10-2.12").
+are BEVFormer's methods, which read only `cfg`, `backbone`, `neck`, `grid_mask` and `out['dec']` (the
+official Detr3DHead has the same branches, Hungarian assigner, focal + L1 losses and NMS-free coder as
+BEVFormer's head).
 
 Where we differ from the official code:
 * Boxes use the nuScenes-native yaw (README "Conventions"); the official mmdet3d yaw is converted once,
@@ -61,6 +64,7 @@ class DETR3DConfig(DetectorConfig):
     fpn_levels: int = 4            # L: the decoder samples every level
 
     def checks(self):
+        """-> [(condition, message)]: DetectorConfig's checks plus DETR3D's own."""
         return super().checks() + [
             (self.detector == 'detr3d', f"detector must be 'detr3d', got {self.detector!r}"),
             (self.queue_length == 1, f'queue_length must be 1 (DETR3D is single-frame), got {self.queue_length}'),
@@ -82,8 +86,8 @@ def project_reference_points(ref, lidar2img, pad_hw, pc_range):
     pts = ref * (hi - lo) + lo                                                  # [B, Q, 3] metres, LIDAR_TOP
     # bevformer.project_points projects one point set into the cameras of a batch: once per sample
     proj = [project_points(p[None], m[None], pad_hw) for p, m in zip(pts, lidar2img)]   # [N, 1, Q, 1, 2], [N, 1, Q, 1]
-    uv = torch.cat([u for u, _ in proj], 1)[:, :, :, 0].permute(1, 2, 0, 3)   # [B, Q, N, 2]
-    mask = torch.cat([m for _, m in proj], 1)[..., 0].permute(1, 2, 0)        # [B, Q, N]
+    uv = torch.cat([u for u, _ in proj], 1)[:, :, :, 0].permute(1, 2, 0, 3)   # [N, B, Q, 2] -> [B, Q, N, 2]
+    mask = torch.cat([m for _, m in proj], 1)[..., 0].permute(1, 2, 0)        # [N, B, Q] -> [B, Q, N]
     return uv, mask
 
 
@@ -99,13 +103,13 @@ def sample_reference_features(fpn, uv, mask, attn):
     # maps (float64 stays float64)
     dt = torch.float64 if uv.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=uv.device.type, enabled=False):
-        grid = (2 * uv.to(dt) - 1).transpose(1, 2).reshape(B * N, Q, 1, 2)     # grid_sample's [-1, 1]
+        grid = (2 * uv.to(dt) - 1).transpose(1, 2).reshape(B * N, Q, 1, 2)     # [B*N, Q, 1, 2] in [-1, 1]
         w = attn.to(dt) * mask.to(dt)[..., None]                                # [B, Q, N, L]
         for lvl, f in enumerate(fpn):
-            s = F.grid_sample(f.flatten(0, 1).to(dt), grid, mode='bilinear', padding_mode='zeros',
-                              align_corners=False)                              # [B*N, C, Q, 1]
+            f = f.flatten(0, 1).to(dt)                                          # [B*N, C, h, w]
+            s = F.grid_sample(f, grid, mode='bilinear', padding_mode='zeros', align_corners=False)  # [B*N, C, Q, 1]
             s = torch.nan_to_num(s[..., 0]).view(B, N, -1, Q)                   # [B, N, C, Q]
-            out = out + torch.einsum('bncq,bqn->bqc', s, w[..., lvl])
+            out = out + torch.einsum('bncq,bqn->bqc', s, w[..., lvl])         # [B, Q, C]
     return out
 
 
@@ -138,7 +142,7 @@ class Detr3DCrossAtten(nn.Module):
         if N != self.num_cams or len(fpn) != self.levels:
             raise ValueError(f'Detr3DCrossAtten: built for {self.num_cams} cameras and {self.levels} levels, '
                              f'got {N} and {len(fpn)}')
-        attn = self.attention_weights(x + pos).view(B, Q, N, self.levels).sigmoid()    # levels fastest
+        attn = self.attention_weights(x + pos).view(B, Q, N, self.levels).sigmoid()    # [B, Q, N, L], levels fastest
         uv, mask = project_reference_points(ref, lidar2img, pad_hw, pc_range)
         sampled = sample_reference_features(fpn, uv, mask, attn)                        # [B, Q, C]
         pos_feat = self.position_encoder(inverse_sigmoid(ref))                          # [B, Q, C]
@@ -146,79 +150,16 @@ class Detr3DCrossAtten(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# FD3D for DETR3D: focal distillation at the reference points (fd3d.md section 6)
-# ---------------------------------------------------------------------------------------------
-
-def fd3d_focal_loss(fpn_hat, fpn_e, dec, sel):
-    """Focal distillation at the expert queries' projected reference points (fd3d.md 6).
-
-    fpn_hat: list over the EXPERT's FPN levels of the generated apprentice maps [B, N, C, h, w] on the
-    expert's grid (None for an expert level no apprentice level maps to: that level leaves both sums);
-    fpn_e: the targets of the generation loss on the expert's grid: the expert's FPN maps, standardised
-    per channel when `pv_norm='bn'` (the default; `distill.standardise`), raw with `pv_norm='none'`;
-    dec: the expert's out['dec'] (per layer its uv, mask and attn); sel [B, Q] bool, the selected queries.
-    For every layer, with the expert's detached points uv, visibility mask and sigmoid weights attn:
-      s_E = sum_(n, l) attn * mask * bilinear(F_E,l, uv),   s_A the same on F^
-    (with raw maps, exactly the sum the expert's Detr3DCrossAtten feeds its output_proj; DETR3D has no
-    value projection; with standardised maps, the same weighted sum of the standardised features), and
-    L = mean over layers of (sum over selected queries of ||s_A - s_E||^2 / C) / #sel.
-    Gradients reach only fpn_hat."""
-    levels = [i for i, f in enumerate(fpn_hat) if f is not None]
-    if not levels:
-        raise ValueError('fd3d_focal_loss: no generated level')
-    hats = [fpn_hat[i] for i in levels]
-    n_sel = sel.sum()
-    if n_sel == 0:
-        return sum(h.sum() for h in hats) * 0            # keeps the graph (DDP wants every parameter used)
-    exps = [fpn_e[i].detach() for i in levels]
-    total = 0
-    for d in dec:
-        uv, mask, attn = d['uv'].detach(), d['mask'], d['attn'].detach()[..., levels]
-        with torch.no_grad():
-            s_e = sample_reference_features(exps, uv, mask, attn)                 # [B, Q, C]
-        s_a = sample_reference_features(hats, uv, mask, attn)
-        err = ((s_a - s_e) ** 2).mean(-1)                                       # [B, Q]
-        total = total + (err * sel).sum() / n_sel
-    return total / len(dec)
-
-
-def distill_terms(distiller, out_e, out_a, batch_e, batch_a):
-    """`distill.Distiller.distill_losses` for a DETR3D pair (it calls this when the expert has no BEV).
-
-    fd3d:    kd_pv_<l>, masked generation per apprentice FPN level inside the selected expert queries'
-             projected boxes (the Distiller's PV path, unchanged), and kd_focal, `fd3d_focal_loss` on
-             those same generated maps against the same (standardised) expert targets;
-    mgd:     kd_pv_<l> with the random mask over the whole maps;
-    heatmap: kd_cwd_<l>, the baseline's channel-wise FPN half (its BEV half does not apply).
-    fitnet is BEV-only and refused by the Distiller. `--fd3d-parts` is a non-empty subset of pv, focal
-    (the Distiller refuses bev in one line)."""
-    d = distiller
-    if d.mode == 'heatmap':
-        return d.pv_terms(out_e, out_a, batch_e, batch_a, None, generate=False)
-    sel, boxes = d.focal_queries(out_e, batch_e) if d.mode == 'fd3d' else (None, None)
-    parts = d.parts if d.mode == 'fd3d' else ('pv',)
-    generated = {}                                  # expert level -> (F^, F_E target), [B*N, C, h, w]
-    pv = d.pv_terms(out_e, out_a, batch_e, batch_a, boxes, generate=True, keep=generated)
-    terms = pv if 'pv' in parts else {}
-    if 'focal' in parts:
-        B, N = out_e['fpn'][0].shape[:2]
-        unflat = lambda f: f.view(B, N, *f.shape[1:])                      # noqa: E731  [B, N, C, h, w]
-        levels = range(len(out_e['fpn']))
-        hats = [unflat(generated[j][0]) if j in generated else None for j in levels]
-        targets = [unflat(generated[j][1]) if j in generated else None for j in levels]
-        terms['kd_focal'] = d.w['focal'] * fd3d_focal_loss(hats, targets, out_e['dec'], sel)
-    return terms
-
-
-# ---------------------------------------------------------------------------------------------
 # The detector
 # ---------------------------------------------------------------------------------------------
 
 class DETR3D(nn.Module):
+    """The DETR3D detector: forward(batch) -> {'fpn', 'dec'} (see forward), loss(out, batch) -> dict of
+    scalars, decode(out) -> boxes per sample, predict(...) for one sample from raw images."""
     # Shared with BEVFormer unchanged (they read only cfg, backbone, neck, grid_mask and out['dec']):
     extract_feats = BEVFormer.extract_feats     # images [B, N, 3, Hp, Wp] -> list over L of [B, N, C, h, w]
-    loss = BEVFormer.loss                       # architecture.md 2.11, every decoder layer: loss_{cls,bbox}_i
-    decode = BEVFormer.decode                   # architecture.md 2.12, NMS-free top-k of the last layer
+    loss = BEVFormer.loss                       # every decoder layer: loss_{cls,bbox}_i (official Detr3DHead.loss)
+    decode = BEVFormer.decode                   # NMS-free top-k of the last layer (official NMSFreeCoder)
 
     def __init__(self, cfg):
         super().__init__()
@@ -238,7 +179,8 @@ class DETR3D(nn.Module):
         nn.init.zeros_(self.reference_points.bias)
 
     def decode_queries(self, fpn, lidar2img, pad_hw):
-        """fpn list over L of [B, N, C, h, w]; lidar2img [B, N, 4, 4] -> list over layers of dicts (see forward)."""
+        """fpn list over L of [B, N, C, h, w]; lidar2img [B, N, 4, 4]; pad_hw (Hp, Wp) of the padded image
+        -> list over decoder layers of dicts (see forward)."""
         cfg = self.cfg
         B = lidar2img.shape[0]
         pos, x, ref = object_queries(self.query_embedding, self.reference_points, B)
@@ -283,7 +225,7 @@ class DETR3D(nn.Module):
         img, lidar2img = img.to(dev, dtype), lidar2img.to(dev, dtype)
         if img_shape is None:
             img, lidar2img, img_shape = bevformer.prepare_images(img, lidar2img, cfg)
-        img_shape = torch.as_tensor(img_shape, device=dev).view(1, 2)
+        img_shape = torch.as_tensor(img_shape, device=dev).view(1, 2)       # [1, 2]: a batch of one
         was_training = self.training
         self.eval()
         try:
@@ -296,7 +238,7 @@ class DETR3D(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets (architecture.md section 1; fd3d.md for the paper's pair)
+# Presets (official config detr3d_res101_gridmask.py; the FD3D paper's apprentice; the CPU pair)
 # ---------------------------------------------------------------------------------------------
 
 _OFFICIAL = dict(image_size=(1600, 900), normalisation='caffe', backbone_style='caffe', backbone_out=(1, 2, 3),
@@ -306,7 +248,7 @@ _OFFICIAL = dict(image_size=(1600, 900), normalisation='caffe', backbone_style='
 PRESETS = {
     # official detr3d_res101_gridmask.py: R101-DCN (caffe), FPN C3-C5 + 1 extra (strides 8..64), 1600x900
     'detr3d-r101': DETR3DConfig(name='detr3d-r101', backbone_depth=101, backbone_dcn=True, **_OFFICIAL),
-    # the FD3D paper's apprentice (R50, 900x1600; no official config exists, architecture.md 8).
+    # the FD3D paper's apprentice (R50, 900x1600; no official config exists, docs/official-differences.md "DETR3D").
     # Inferred: everything else as detr3d-r101 (caffe style and normalisation, the FCOS3D-style init of
     # the expert's family), no DCN. An ImageNet-initialised R50 would rather use style/normalisation
     # 'pytorch'/'rgb': `--set backbone_style=pytorch --set normalisation=rgb`.
@@ -339,7 +281,7 @@ def get_config(name, **overrides):
 
 
 # ---------------------------------------------------------------------------------------------
-# Official checkpoints (architecture.md 5.2): the same strict remap and yaw conversion as BEVFormer
+# Official checkpoints (docs/official-differences.md): the same strict remap and yaw conversion as BEVFormer
 # ---------------------------------------------------------------------------------------------
 
 def load_official(model, path, src=None):
@@ -366,6 +308,7 @@ def convert(official_path, preset, out_path):
 
 
 def main(argv=None):
+    """`python detr3d.py convert ...`: bevformer.py's command line with DETR3D's presets."""
     bevformer.cli(argv, 'DETR3D', PRESETS, convert, default_preset='detr3d-r101')
 
 

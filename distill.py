@@ -1,20 +1,24 @@
-"""FD3D, the Focal Distiller, and the baseline distillers, in plain PyTorch.
+"""FD3D, the Focal Distiller, and the baseline distillers, in plain PyTorch: the method only.
 
 Paper: J. Zeng et al., "Distilling Focal Knowledge from Imperfect Expert for 3D Object Detection",
 CVPR 2023, pp. 992-1001. The authors released only their code base, a baseline distiller (heatmap-masked
 BEV L2 + channel-wise distillation on the FPN) and an unused "distillation branch"; FD3D itself was never
-published. This file is our reconstruction (design: specs/fd3d.md; evidence: specs/fd3d-evidence.md),
-read top to bottom beside the paper's overview figure:
+published. This file is our reconstruction (the choices we made where the paper is silent: docs/fd3d.md
+and the README's "Distillation (FD3D)" and "Paper notes"), read top to bottom beside the paper's
+overview figure:
 
-  1. instance (focal) areas: the selected expert queries' 3D boxes, in BEV and in every camera/FPN level
-  2. random focal masks inside those areas (MGD-style, ratio lambda)
+  1. focal area generation: the selected expert queries' 3D boxes, in BEV and in every camera/FPN level
+  2. random focal masks inside those areas (masked feature generation, MGD-style, ratio lambda)
   3. training-only modules: generators, the learned BEV upsampler, 1x1 adapters
-  4. losses: masked generation (PV, BEV), focal distillation at the expert's sampling points, baselines
+  4. losses: masked generation (PV, BEV), focal distillation at the expert's sampling points (BEVFormer:
+     its decoder's deformable sampling locations in BEV; DETR3D: its reference points projected into the
+     cameras), and the baselines (FitNets, MGD, the released heatmap + channel-wise distiller)
   5. aligned queries: the expert's own decoder is the frozen "distillation head"
   6. inputs: each model's own view of a sample (resolution, history, CAN bus) from one loaded batch
-  7. the Distiller module (modes fd3d | heatmap | fitnet | mgd | none)
-  8. pictures of the focal areas and sampling points
-  9. CLI: `python distill.py bench` (time breakdown) and `python distill.py table` (the miniature table)
+  7. the Distiller module (modes fd3d | heatmap | fitnet | mgd | none) for both detector families
+  8. `python distill.py table ...`: an alias of `python table.py ...` (the miniature table)
+Pictures of the focal areas (`python evaluate.py --ckpt A.pt --vis-focal K`) and the time breakdown of
+one distillation step (`python evaluate.py --bench-distill cpu`) live in evaluate.py.
 
 Where we differ from the released code (each is a flag where a reader may want the other behaviour):
 - the expert sees the loader's full-resolution images; the released code upsampled the apprentice's
@@ -26,7 +30,7 @@ Where we differ from the released code (each is a flag where a reader may want t
 - the baseline's Gaussian heatmap is drawn directly on the expert's BEV grid (the released code drew it
   on a 0.8 m grid and nearest-upsampled it).
 Everything the paper leaves open is a keyword argument of `Distiller` (and a `--fd3d-*` flag of
-train.py) with the default of specs/fd3d.md; the README's "Paper notes" list them.
+train.py); the README's "Paper notes" list them with their defaults.
 
 Letters: B batch, N cameras, C channels, Q queries, M heads, L levels, P points, K boxes, H/W sizes.
 Box layout [x, y, z, w, l, h, yaw, vx, vy] in the LIDAR_TOP frame; BEV column = x, row = y.
@@ -38,21 +42,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bevformer
-from common import CAMERAS, InputError
+import detr3d
+from common import InputError
 from ops import ms_deform_attn
 
 PC_RANGE = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)  # x_min, y_min, z_min, x_max, y_max, z_max (metres)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Instance (focal) areas (overview figure: "3D bbox" projected to BEV and to PV)
+# 1. Focal area generation (paper: the instance-level areas located by the queries; overview figure:
+#    each selected query's "3D bbox" projected to BEV and to the perspective views, PV)
 # ----------------------------------------------------------------------------------------------------
 
 def box_corners(boxes, scale=1.0):
     """The 8 corners of boxes [K, 9] enlarged by `scale` (all three sizes) -> [K, 8, 3].
 
     Same corner order as nuscenes-devkit `Box.corners()`: the length axis is the box's local x, rotated
-    by yaw about z (the contract's yaw), width along local y, height along z.
+    by yaw about z (our nuScenes yaw, README "Conventions"), width along local y, height along z.
     """
     w, l, h = (boxes[:, 3:6] * scale).unbind(-1)
     sx = torch.tensor([1, 1, 1, 1, -1, -1, -1, -1], dtype=boxes.dtype, device=boxes.device)
@@ -117,7 +123,7 @@ def project_boxes(boxes, lidar2img, pad_hw, box_scale=1.2):
     u1 = torch.where(front, u, -inf).amax(-1).clamp(0, Wp)
     v1 = torch.where(front, v, -inf).amax(-1).clamp(0, Hp)
     ok = front.any(-1) & (u1 > u0) & (v1 > v0)  # [N, K]: some corner in front and inside the image
-    return torch.stack([u0, v0, u1, v1], -1), ok
+    return torch.stack([u0, v0, u1, v1], -1), ok  # [N, K, 4], [N, K]
 
 
 def pv_focal_areas(boxes, lidar2img, pad_hw, level_hw, box_scale=1.2):
@@ -143,7 +149,8 @@ def pv_focal_areas(boxes, lidar2img, pad_hw, level_hw, box_scale=1.2):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Random focal masks (masked feature generation, MGD-style: P = M * R, R ~ Bernoulli(lambda))
+# 2. Random focal masks (paper: masked feature generation inside the instance areas; MGD-style:
+#    P = M * R, M the focal area, R ~ Bernoulli(lambda) per cell)
 # ----------------------------------------------------------------------------------------------------
 
 def random_focal_mask(area, ratio):
@@ -152,7 +159,8 @@ def random_focal_mask(area, ratio):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Training-only modules: generator, BEV upsampler, adapters (never part of the saved apprentice)
+# 3. Training-only modules of masked feature generation: generator, BEV upsampler, adapters (never
+#    part of the saved apprentice)
 # ----------------------------------------------------------------------------------------------------
 
 class Generator(nn.Sequential):
@@ -188,13 +196,15 @@ class BEVUpsampler(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x, out_hw):
+        """x [B, C, h, w] (the apprentice's BEV after its adapter), out_hw (H, W) -> [B, C, H, W]."""
         if not self.deconv and tuple(x.shape[-2:]) != tuple(out_hw):
             x = F.interpolate(x, size=tuple(out_hw), mode='bilinear', align_corners=False)
         return self.layers(x)  # [B, C, H, W]
 
 
 def adapter(c_in, c_out):
-    """1x1 conv when the apprentice's channels differ from the expert's, else the identity."""
+    """A module [B, c_in, h, w] -> [B, c_out, h, w]: a 1x1 conv when the apprentice's channels differ
+    from the expert's, else the identity."""
     return nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
 
@@ -219,16 +229,18 @@ def align_pv(x, out_hw, in_pad_hw, out_pad_hw, scale_xy):
         if torch.allclose(gx, own_x, atol=1e-6) and torch.allclose(gy, own_y, atol=1e-6):
             return x
     grid = torch.stack(torch.meshgrid(gy, gx, indexing='ij')[::-1], -1)  # [H, W, 2] as (x, y)
-    return F.grid_sample(x, grid[None].expand(x.shape[0], -1, -1, -1), mode='bilinear',
-                         padding_mode='zeros', align_corners=False)
+    grid = grid[None].expand(x.shape[0], -1, -1, -1)  # [B', H, W, 2]: one grid for every map
+    return F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False)  # [B', C, H, W]
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Losses
+# 4a. Masked feature generation (paper: masked feature generation in the instance areas; overview
+#     figure: "Generator"), on the PV (FPN) maps and on the BEV
 # ----------------------------------------------------------------------------------------------------
 
 def masked_generation(f_a, area_a, adapt, upsample, generate, mask_ratio, out_hw):
-    """Masked feature generation (overview figure: "Generator"): F^ = G(U(adapt(F_A) * (1 - P))).
+    """F^ = G(U(adapt(F_A) * (1 - P))): the apprentice's map, masked in its focal area, regenerated on
+    the expert's grid.
 
     f_a [B, Ca, h, w] apprentice map; area_a [B, h, w] the focal area rasterised on the apprentice's
     own grid. The random mask P is drawn there and applied before the upsampler U (to the expert's
@@ -241,34 +253,43 @@ def masked_generation(f_a, area_a, adapt, upsample, generate, mask_ratio, out_hw
 
 
 def standardise(f):
-    """Per-channel standardisation over batch and space of an expert map [B', C, h, w] (the released code
-    base's `fpn_feats_norm='bn'`: BatchNorm without affine or running statistics, on the expert only).
-    FPN features have no normalisation layer, so their scale depends on the backbone's training (about
-    1e4 per element squared for a randomly initialised ResNet with frozen BN statistics, O(1) for a
-    pretrained one); standardising makes one loss weight fit every expert. The generator learns the scale."""
+    """Per-channel standardisation over batch and space of an expert map [B', C, h, w] -> the same shape
+    (the released code base's `fpn_feats_norm='bn'`: BatchNorm without affine or running statistics, on
+    the expert only). FPN features have no normalisation layer, so their scale depends on the backbone's
+    training (about 1e4 per element squared for a randomly initialised ResNet with frozen BN statistics,
+    O(1) for a pretrained one); standardising makes one loss weight fit every expert. The generator
+    learns the scale."""
     return F.batch_norm(f, None, None, training=True, eps=1e-5)
 
 
-def gen_loss(f_hat, f_e, area, bg_weight=0.0):
+def generation_loss(f_hat, f_e, area, bg_weight=0.0):
     """L_gen = sum over cells of W * ||F^ - F_E||^2 / (C * max(1, sum W)), W = area + bg * (1 - area).
 
-    f_hat, f_e [B, C, H, W]; area [B, H, W]. The released baseline's 1/sum(M) normalisation, per channel.
+    f_hat, f_e [B, C, H, W]; area [B, H, W] -> a scalar. The released baseline's 1/sum(M)
+    normalisation, per channel.
     """
     w = area + bg_weight * (1 - area)  # [B, H, W]
     err = ((f_hat - f_e) ** 2).sum(1)  # [B, H, W]
     return (w * err).sum() / (f_e.shape[1] * w.sum().clamp(min=1))
 
 
-def focal_loss(bev_hat, bev_e, dec, sel):
-    """Focal distillation at the expert queries' sampling points (paper: "Focal Distillation").
+# ----------------------------------------------------------------------------------------------------
+# 4b. Focal distillation (paper: the queries "search out the representative fine-grained positions for
+#     refined distillation"): the generated map and the expert's are read at the expert queries' own
+#     sampling positions, with the expert's weights; one function per detector family
+# ----------------------------------------------------------------------------------------------------
+
+def focal_distillation_loss(bev_hat, bev_e, dec, sel):
+    """BEVFormer: focal distillation at the expert decoder's deformable sampling points in BEV.
 
     For each decoder layer l, with the expert's value_proj_l and its detached sampling locations loc_l
     [B, Q, M, 1, P, 2] and attention weights A_l [B, Q, M, 1, P]:
       s_E = MSDA(value_proj_l(F_E), loc_l, A_l),  s_A = MSDA(value_proj_l(F^_bev), loc_l, A_l)
     (the decoder's cross-attention before output_proj), and
       L_focal = mean over layers and selected queries of ||s_A - s_E||^2 / C.
-    bev_hat, bev_e [B, C, H, W] (the same grid); sel [B, Q] bool. Gradients reach only bev_hat: the
-    locations, weights and (frozen) value projection are the expert's.
+    bev_hat, bev_e [B, C, H, W] (the same grid); dec the expert's out['dec'] (per layer its loc, attn and
+    value_proj); sel [B, Q] bool -> a scalar. Gradients reach only bev_hat: the locations, weights and
+    (frozen) value projection are the expert's.
     """
     B, C, H, W = bev_e.shape
     shapes = torch.tensor([[H, W]], device=bev_e.device)  # one BEV level
@@ -276,31 +297,73 @@ def focal_loss(bev_hat, bev_e, dec, sel):
     n_sel = sel.sum()
     if n_sel == 0:
         return bev_hat.sum() * 0  # keeps the graph (DDP needs every parameter used)
-    tokens_hat = bev_hat.flatten(2).transpose(1, 2)  # [B, H*W, C], index h * W + w
-    tokens_e = bev_e.flatten(2).transpose(1, 2)
+    tokens_hat = bev_hat.flatten(2).transpose(1, 2)  # [B, H*W, C], index h * W + w (the encoder's order)
+    tokens_e = bev_e.flatten(2).transpose(1, 2)  # [B, H*W, C]
     total = 0
     for layer in dec:
         loc, attn = layer['loc'].detach(), layer['attn'].detach()  # [B, Q, M, 1, P, 2], [B, Q, M, 1, P]
         proj = layer['value_proj']
         M = loc.shape[2]
         with torch.no_grad():
-            s_e = ms_deform_attn(proj(tokens_e).view(B, H * W, M, -1), shapes, start, loc, attn)  # [B, Q, C]
+            v_e = proj(tokens_e).view(B, H * W, M, -1)  # [B, H*W, M, C/M]: the op's per-head values
+            s_e = ms_deform_attn(v_e, shapes, start, loc, attn)  # [B, Q, C]
         # F.linear with detached weights: the expert's projection is used, never trained
         v_hat = F.linear(tokens_hat, proj.weight.detach(),
-                         None if proj.bias is None else proj.bias.detach())
-        s_a = ms_deform_attn(v_hat.view(B, H * W, M, -1), shapes, start, loc, attn)  # [B, Q, C]
+                         None if proj.bias is None else proj.bias.detach()).view(B, H * W, M, -1)  # [B, H*W, M, C/M]
+        s_a = ms_deform_attn(v_hat, shapes, start, loc, attn)  # [B, Q, C]
         err = ((s_a - s_e) ** 2).mean(-1)  # [B, Q]
         total = total + (err * sel).sum() / n_sel
     return total / len(dec)
 
 
+def detr3d_focal_distillation_loss(fpn_hat, fpn_e, dec, sel):
+    """DETR3D (no BEV): focal distillation at the expert queries' reference points projected into every
+    camera and FPN level.
+
+    fpn_hat: list over the EXPERT's FPN levels of the generated apprentice maps [B, N, C, h, w] on the
+    expert's grid (None for an expert level no apprentice level maps to: that level leaves both sums);
+    fpn_e: the targets of the generation loss on the expert's grid, same layout: the expert's FPN maps,
+    standardised per channel when `pv_norm='bn'` (the default; `standardise`), raw with `pv_norm='none'`;
+    dec: the expert's out['dec'] (per layer its uv [B, Q, N, 2], mask [B, Q, N] and attn [B, Q, N, L]);
+    sel [B, Q] bool, the selected queries -> a scalar.
+    For every layer, with the expert's detached points uv, visibility mask and sigmoid weights attn:
+      s_E = sum_(n, l) attn * mask * bilinear(F_E,l, uv),   s_A the same on F^
+    (with raw maps, exactly the sum the expert's Detr3DCrossAtten feeds its output_proj; DETR3D has no
+    value projection; with standardised maps, the same weighted sum of the standardised features), and
+    L = mean over layers of (sum over selected queries of ||s_A - s_E||^2 / C) / #sel.
+    Gradients reach only fpn_hat."""
+    levels = [i for i, f in enumerate(fpn_hat) if f is not None]
+    if not levels:
+        raise ValueError('detr3d_focal_distillation_loss: no generated level')
+    hats = [fpn_hat[i] for i in levels]
+    n_sel = sel.sum()
+    if n_sel == 0:
+        return sum(h.sum() for h in hats) * 0            # keeps the graph (DDP wants every parameter used)
+    exps = [fpn_e[i].detach() for i in levels]
+    total = 0
+    for d in dec:
+        uv, mask, attn = d['uv'].detach(), d['mask'], d['attn'].detach()[..., levels]  # attn [B, Q, N, L']
+        with torch.no_grad():
+            s_e = detr3d.sample_reference_features(exps, uv, mask, attn)          # [B, Q, C]
+        s_a = detr3d.sample_reference_features(hats, uv, mask, attn)
+        err = ((s_a - s_e) ** 2).mean(-1)                                       # [B, Q]
+        total = total + (err * sel).sum() / n_sel
+    return total / len(dec)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4c. Baselines: FitNets, the released code's heatmap-masked BEV L2 + channel-wise FPN distillation
+#     (MGD is masked generation over the whole map, section 4a)
+# ----------------------------------------------------------------------------------------------------
+
 def fitnet_loss(f_a_up, f_e):
-    """FitNets: MSE between the upsampled apprentice BEV and the expert's over the whole map."""
+    """FitNets: MSE between the upsampled apprentice BEV and the expert's, both [B, C, H, W], over the
+    whole map -> a scalar."""
     return F.mse_loss(f_a_up, f_e)
 
 
 def gaussian_radius(height, width, min_overlap=0.1):
-    """CenterNet/CenterPoint's Gaussian radius for a box of (height, width) cells (tensors)."""
+    """CenterNet/CenterPoint's Gaussian radius for boxes of (height, width) cells (tensors [K]) -> [K]."""
     b1 = height + width
     c1 = width * height * (1 - min_overlap) / (1 + min_overlap)
     r1 = (b1 + torch.sqrt(b1 ** 2 - 4 * c1)) / 2
@@ -328,7 +391,7 @@ def gaussian_heatmap(boxes, bev_hw, pc_range=PC_RANGE, min_overlap=0.1, min_radi
     r = gaussian_radius(boxes[:, 4] / dy, boxes[:, 3] / dx, min_overlap).floor().clamp(min=min_radius)
     jj = torch.arange(W, device=boxes.device)[None, :]
     ii = torch.arange(H, device=boxes.device)[:, None]
-    for k in torch.nonzero(inside).flatten().tolist():
+    for k in torch.nonzero(inside).flatten().tolist():  # [K', 1] -> [K'] indices of the centres on the map
         sigma = (2 * r[k] + 1) / 6
         du, dv = jj - u[k], ii - v[k]  # [1, W], [H, 1]
         g = torch.exp(-(du ** 2 + dv ** 2) / (2 * sigma ** 2))
@@ -338,26 +401,29 @@ def gaussian_heatmap(boxes, bev_hw, pc_range=PC_RANGE, min_overlap=0.1, min_radi
 
 
 def heatmap_bev_loss(f_a_up, f_e, heat):
-    """The released baseline's BEV term: sum (M*U(F_A) - M*F_E)^2 / sum M, M the heatmap [B, H, W]."""
+    """The released baseline's BEV term: sum (M*U(F_A) - M*F_E)^2 / sum M, with f_a_up, f_e [B, C, H, W]
+    and M the heatmap [B, H, W] -> a scalar."""
     m = heat[:, None]  # [B, 1, H, W]
     return ((m * f_a_up - m * f_e) ** 2).sum() / heat.sum().clamp(min=1)
 
 
 def cwd_loss(f_a, f_e, tau=2.0):
-    """Channel-wise distillation (Shu et al. 2021) on one FPN level, f_a, f_e [B', C, h, w].
+    """Channel-wise distillation (Shu et al. 2021) on one FPN level, f_a, f_e [B', C, h, w] -> a scalar.
 
     Each channel's map becomes a distribution over space (softmax with temperature tau);
     tau^2 * KL(p_E || p_A), summed over space, averaged over maps and channels. The released code uses
     the cross-entropy (same gradients, not 0 at equality).
     """
     log_p_a = F.log_softmax(f_a.flatten(2) / tau, -1)  # [B', C, h*w]
-    log_p_e = F.log_softmax(f_e.flatten(2) / tau, -1)
+    log_p_e = F.log_softmax(f_e.flatten(2) / tau, -1)  # [B', C, h*w]
     kl = (log_p_e.exp() * (log_p_e - log_p_a)).sum(-1)  # [B', C]
     return tau ** 2 * kl.mean()
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Aligned queries: the expert's own decoder is the frozen "distillation head" (specs/fd3d.md 1)
+# 5. Aligned queries (paper: "a set of queries" of a distillation head run on the expert's features
+#    locates the instance areas and the sampling positions): the expert's own frozen decoder is that
+#    head; which of its queries teach is our choice, docs/fd3d.md
 # ----------------------------------------------------------------------------------------------------
 
 # A matched expert query counts as aligned only where its prediction agrees with its GT box: the same
@@ -394,8 +460,8 @@ def select_queries(cls, box, gt_boxes, gt_labels, how='matched+confident', score
 
 
 def predicted_boxes(box_code, max_size=60.0):
-    """Decoded boxes [K, 9] of selected queries; sizes clamped so that a wild early prediction cannot
-    cover the whole map (exp of a large log-size)."""
+    """box_code [K, 10] of selected queries -> decoded boxes [K, 9]; sizes clamped so that a wild early
+    prediction cannot cover the whole map (exp of a large log-size)."""
     boxes = bevformer.decode_boxes(box_code.float())
     boxes[:, 3:6] = torch.nan_to_num(boxes[:, 3:6], nan=0.0, posinf=max_size).clamp(0, max_size)
     return boxes
@@ -404,7 +470,8 @@ def predicted_boxes(box_code, max_size=60.0):
 def init_head_from_expert(apprentice, expert):
     """Copy the expert's decoder, heads, object queries and reference points into the apprentice where
     names and shapes agree (the released code tried this and then overwrote it; here it is a choice,
-    `--init-head-from-expert`, applied in every mode so comparisons stay fair). Returns the count."""
+    `--init-head-from-expert`, applied in every mode so comparisons stay fair). Returns the number of
+    tensors copied."""
     prefixes = ('decoder.', 'cls_branches.', 'reg_branches.', 'query_embedding.', 'reference_points.')
     src, dst = expert.state_dict(), apprentice.state_dict()
     copied = {k: src[k] for k in dst if k.startswith(prefixes) and k in src and src[k].shape == dst[k].shape}
@@ -438,24 +505,27 @@ def rescale_frame(frame, cfg):
     by diag(sx, sy, 1, 1). Other keys are shared; a frame already at that size is returned as it is."""
     img, l2i = frame['img'], frame['lidar2img']
     lead, N = img.shape[:-4], img.shape[-4]
-    shape = torch.as_tensor(frame['img_shape']).reshape(-1, 2)
+    shape = torch.as_tensor(frame['img_shape']).reshape(-1, 2)  # [B (*T), 2] content (H, W) per image
     if not bool((shape == shape[0]).all()):
         raise ValueError('distill: every image of a batch must have the same content size')
     H, W = int(shape[0, 0]), int(shape[0, 1])
     if (W, H) == tuple(cfg.image_size) and tuple(img.shape[-2:][::-1]) == tuple(cfg.padded_size):
         return dict(frame)
     content = img[..., :H, :W].reshape(-1, 3, H, W).float()  # [B*N (*T), 3, H, W]
-    new_img, new_l2i, (h, w) = bevformer.prepare_images(content, l2i.reshape(-1, 4, 4).float(), cfg)
+    l2i = l2i.reshape(-1, 4, 4).float()  # [B*N (*T), 4, 4]
+    new_img, new_l2i, (h, w) = bevformer.prepare_images(content, l2i, cfg)  # [B*N (*T), 3, hp, wp], [B*N (*T), 4, 4]
     out = dict(frame)
-    out['img'] = new_img.view(*lead, N, 3, *new_img.shape[-2:])
-    out['lidar2img'] = new_l2i.view(*lead, N, 4, 4)
-    out['img_shape'] = torch.tensor([h, w], device=img.device).expand(*lead, 2).clone()
+    out['img'] = new_img.view(*lead, N, 3, *new_img.shape[-2:])  # [..., N, 3, hp, wp]
+    out['lidar2img'] = new_l2i.view(*lead, N, 4, 4)  # [..., N, 4, 4]
+    out['img_shape'] = torch.tensor([h, w], device=img.device).expand(*lead, 2).clone()  # [..., 2]
     return out
 
 
 def inputs_for(batch, cfg, frames=None):
-    """The batch as one model consumes it: its resolution, its own history length (a longer served queue
-    keeps its last queue_length - 1 history frames)."""
+    """The batch as one model consumes it: its resolution (`rescale_frame`), its own history length (a
+    longer served queue keeps its last queue_length - 1 history frames; `frames` overrides that count).
+    batch: data.collate's layout (img [B, N, 3, Hp, Wp], history img [B, T-1, N, 3, Hp, Wp], ...) or
+    history as a list of frame dicts -> the same layout at cfg's size, history [B, keep, ...]."""
     out = rescale_frame(batch, cfg)
     keep = cfg.queue_length - 1 if frames is None else frames
     hist = batch.get('history')
@@ -477,7 +547,8 @@ def inputs_for(batch, cfg, frames=None):
 
 
 def model_inputs(batch, cfg_e, cfg_a, expert_input='native'):
-    """(batch for the expert, batch for the apprentice) from one loaded batch.
+    """(batch for the expert, batch for the apprentice) from one loaded batch (data.collate's layout),
+    each at its model's own image size and history length (`inputs_for`).
 
     A batch that carries the apprentice's own view (`loader_views`, 'native') gives each model its own;
     'upsampled' gives the expert the loaded (apprentice-size) images upsampled, as the released code did.
@@ -501,7 +572,7 @@ def pair_levels(a_strides, e_strides):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. The Distiller
+# 7. The Distiller: the whole method for both detector families (BEVFormer: BEV + PV; DETR3D: PV)
 # ----------------------------------------------------------------------------------------------------
 
 MODES = ('fd3d', 'heatmap', 'fitnet', 'mgd', 'none')
@@ -520,9 +591,11 @@ class Distiller(nn.Module):
     batch: a collated batch at the EXPERT's resolution with the longer history of the two models.
     Returns A's detection losses plus the weighted distillation terms (their sum is the total):
       fd3d:    kd_pv_<l> (masked generation per apprentice FPN level), kd_bev (masked generation in
-               BEV), kd_focal (focal distillation at the expert queries' sampling points)
+               BEV; BEVFormer only), kd_focal (focal distillation at the expert queries' sampling
+               points: BEVFormer's decoder locations in BEV, DETR3D's projected reference points)
       mgd:     kd_pv_<l>, kd_bev with the random mask over the whole map
-      fitnet:  kd_fitnet;   heatmap: kd_heatmap (BEV), kd_cwd_<l> (FPN levels);   none: nothing
+      fitnet:  kd_fitnet (BEVFormer only);   heatmap: kd_heatmap (BEV), kd_cwd_<l> (FPN levels);
+      none:    nothing
     `distiller.apprentice` is the plain detector (saved as the checkpoint's `model`); `distiller.kd`
     holds the generators, upsampler and adapters (saved under `distiller`); the expert has its own file.
     """
@@ -535,7 +608,7 @@ class Distiller(nn.Module):
         super().__init__()
         ce, ca = expert.cfg, apprentice.cfg
         has_bev = ce.detector == 'bevformer'
-        # FD3D's terms for this detector: DETR3D has no BEV (fd3d.md 6), so its subsets are of pv and focal
+        # FD3D's terms for this detector: DETR3D has no BEV, so its subsets are of pv and focal
         available = PARTS if has_bev else ('pv', 'focal')
         if parts is None:
             parts = available
@@ -579,7 +652,7 @@ class Distiller(nn.Module):
             init_head_from_expert(apprentice, expert)
 
         # training-only modules, only those the mode uses (DDP wants every parameter used)
-        # DETR3D has no BEV (fd3d.md 6): its focal term samples the generated PV maps
+        # DETR3D has no BEV: its focal term samples the generated PV maps
         fd3d_bev = has_bev and mode == 'fd3d' and ('bev' in parts or 'focal' in parts)
         fd3d_pv = mode == 'fd3d' and ('pv' in parts or (not has_bev and 'focal' in parts))
         C_e, C_a = ce.embed_dims, ca.embed_dims
@@ -604,7 +677,9 @@ class Distiller(nn.Module):
     # ---- the expert's view: aligned queries and their boxes ----------------------------------------
     @torch.no_grad()
     def focal_queries(self, out_e, batch):
-        """-> (sel [B, Q] bool, boxes: list per sample of [K, 9]) from the expert's last decoder layer."""
+        """out_e: the expert's output; batch: its inputs (gt_boxes, gt_labels lists) -> (sel [B, Q] bool,
+        boxes: list per sample of [K, 9]: the selected queries' decoded boxes, or the GT with areas='gt'),
+        from the expert's last decoder layer."""
         last, ce = out_e['dec'][-1], self.expert.cfg
         gt_boxes = [g.to(last['cls'].device).float() for g in batch['gt_boxes']]
         gt_labels = [g.to(last['cls'].device).long() for g in batch['gt_labels']]
@@ -616,28 +691,30 @@ class Distiller(nn.Module):
         return sel, [predicted_boxes(last['box'][b][sel[b]]) for b in range(sel.shape[0])]
 
     def bev_areas(self, boxes, hw, like):
-        """Focal areas [B, H, W] on a BEV grid of size hw (boxes None: the whole map, for MGD)."""
+        """boxes: list per sample of [K, 9] (None: the whole map, for MGD); hw (H, W); like: a tensor
+        [B, ...] on the device -> focal areas [B, H, W]."""
         if boxes is None:
             return torch.ones(like.shape[0], *hw, device=like.device)
         return torch.stack([bev_focal_area(b.to(like.device), hw, self.expert.cfg.pc_range, self.box_scale)
-                            for b in boxes])
+                            for b in boxes])  # [B, H, W]
 
     def pv_areas(self, boxes, batch, level_hw):
-        """Focal areas per FPN level, each [B, N, h, w] (None boxes: the whole map)."""
+        """boxes: list per sample of [K, 9] (None: the whole map); batch: the model's inputs (lidar2img
+        [B, N, 4, 4], img [B, N, 3, Hp, Wp]); level_hw: [(h, w)] per FPN level -> per level [B, N, h, w]."""
         l2i, pad = batch['lidar2img'], tuple(batch['img'].shape[-2:])
         B, N = l2i.shape[:2]
         if boxes is None:
             return [torch.ones(B, N, h, w, device=l2i.device) for h, w in level_hw]
         per_sample = [pv_focal_areas(b, l2i[i], pad, level_hw, self.box_scale) for i, b in enumerate(boxes)]
-        return [torch.stack([s[lvl] for s in per_sample]) for lvl in range(len(level_hw))]
+        return [torch.stack([s[lvl] for s in per_sample]) for lvl in range(len(level_hw))]  # [B, N, h, w] each
 
     # ---- the distillation terms -------------------------------------------------------------------
     def level_pairs(self, out_e, out_a, batch_e, batch_a):
         """-> (for each apprentice FPN level the expert level of the same stride in expert pixels,
         (sx, sy) apprentice pixels per expert pixel)."""
         pad_e, pad_a = tuple(batch_e['img'].shape[-2:]), tuple(batch_a['img'].shape[-2:])
-        se = torch.as_tensor(batch_e['img_shape']).reshape(-1, 2)[0].tolist()
-        sa = torch.as_tensor(batch_a['img_shape']).reshape(-1, 2)[0].tolist()
+        se = torch.as_tensor(batch_e['img_shape']).reshape(-1, 2)[0].tolist()  # [B, 2] -> the first (H, W)
+        sa = torch.as_tensor(batch_a['img_shape']).reshape(-1, 2)[0].tolist()  # [B, 2] -> the first (H, W)
         scale = (sa[1] / se[1], sa[0] / se[0])
         pairs = pair_levels([pad_a[1] / f.shape[-1] / scale[0] for f in out_a['fpn']],
                             [pad_e[1] / f.shape[-1] for f in out_e['fpn']])
@@ -645,38 +722,51 @@ class Distiller(nn.Module):
 
     def pv_terms(self, out_e, out_a, batch_e, batch_a, boxes, generate, keep=None):
         """Per apprentice FPN level: masked generation (fd3d, mgd) or channel-wise distillation
-        (heatmap), against the expert level of the same stride. `keep` (a dict) receives, per expert
-        level j, (generated map, expert target) as [B*N, C, h, w] (DETR3D's focal term samples them)."""
+        (heatmap), against the expert level of the same stride. out_*['fpn']: lists of [B, N, C, h, w];
+        boxes: list per sample of [K, 9] (None: whole maps) -> {kd_pv_<l> or kd_cwd_<l>: scalar}.
+        `keep` (a dict) receives, per expert level j, (generated map, expert target) as [B*N, C, h, w]
+        (DETR3D's focal term samples them)."""
         pad_e, pad_a = tuple(batch_e['img'].shape[-2:]), tuple(batch_a['img'].shape[-2:])
         hw_a = [tuple(f.shape[-2:]) for f in out_a['fpn']]
         hw_e = [tuple(f.shape[-2:]) for f in out_e['fpn']]
         pairs, scale = self.level_pairs(out_e, out_a, batch_e, batch_a)
         if generate:
             area_a, area_e = self.pv_areas(boxes, batch_a, hw_a), self.pv_areas(boxes, batch_e, hw_e)
+
+        def align(x, hw):  # an apprentice map [B*N, C, h_a, w_a] on the paired expert level's grid hw
+            return align_pv(x, hw, pad_a, pad_e, scale)
+
         terms = {}
         for i, (f_a, j) in enumerate(zip(out_a['fpn'], pairs)):
             f_e = out_e['fpn'][j].flatten(0, 1)  # [B*N, C, h, w]
-            align = lambda x, hw: align_pv(x, hw, pad_a, pad_e, scale)  # noqa: E731
             if generate:
                 if self.pv_norm == 'bn':  # the expert's map standardised per channel (see `standardise`)
                     f_e = standardise(f_e)
+                # [B, N, C_a, h_a, w_a] and the area [B, N, h_a, w_a] as B*N maps -> F^ [B*N, C, h, w]
                 f_hat = masked_generation(f_a.flatten(0, 1), area_a[i].flatten(0, 1), self.kd['pv_adapters'][i],
                                           align, self.kd['pv_gens'][i], self.mask_ratio, f_e.shape[-2:])
-                terms[f'kd_pv_{i}'] = self.w['pv'] * gen_loss(f_hat, f_e, area_e[j].flatten(0, 1), self.bg_weight)
+                area = area_e[j].flatten(0, 1)  # [B*N, h, w]
+                terms[f'kd_pv_{i}'] = self.w['pv'] * generation_loss(f_hat, f_e, area, self.bg_weight)
                 if keep is not None:
                     keep[j] = (f_hat, f_e)
             else:
-                f_a = align(self.kd['pv_adapters'][i](f_a.flatten(0, 1)), f_e.shape[-2:])
+                f_a = align(self.kd['pv_adapters'][i](f_a.flatten(0, 1)), f_e.shape[-2:])  # [B*N, C, h, w]
                 terms[f'kd_cwd_{i}'] = self.w['cwd'] * cwd_loss(f_a, f_e, self.cwd_tau)
         return terms
 
     def distill_losses(self, out_e, out_a, batch_e, batch_a):
-        """The weighted distillation terms of the mode (a dict of scalars)."""
-        if 'bev' not in out_e:  # DETR3D: PV generation + focal distillation at the reference points
-            import detr3d
-            return detr3d.distill_terms(self, out_e, out_a, batch_e, batch_a)
+        """The weighted distillation terms of the mode (a dict of scalars, named as in the class
+        docstring) from the two models' outputs (out_e: the expert's, computed without gradients) and
+        their inputs (`model_inputs`). BEVFormer's outputs have 'bev' [B, C, H, W]; DETR3D's do not."""
+        if 'bev' in out_e:
+            return self.bevformer_losses(out_e, out_a, batch_e, batch_a)
+        return self.detr3d_losses(out_e, out_a, batch_e, batch_a)
+
+    def bevformer_losses(self, out_e, out_a, batch_e, batch_a):
+        """`distill_losses` of a BEVFormer pair: masked generation in BEV and per FPN level, focal
+        distillation at the expert decoder's BEV sampling points, or a baseline's terms."""
         kd, terms = self.kd, {}
-        bev_e, bev_a = out_e['bev'], out_a['bev']
+        bev_e, bev_a = out_e['bev'], out_a['bev']  # [B, C_e, He, We], [B, C_a, Ha, Wa]
         hw_e, hw_a = tuple(bev_e.shape[-2:]), tuple(bev_a.shape[-2:])
         if self.mode in ('fd3d', 'mgd'):
             # fd3d: areas from the selected expert queries (or GT); mgd: the whole map
@@ -687,24 +777,54 @@ class Distiller(nn.Module):
                 f_hat = masked_generation(bev_a, self.bev_areas(boxes, hw_a, bev_e), kd['bev_adapter'],
                                           kd['bev_up'], kd['bev_gen'], self.mask_ratio, hw_e)  # [B, C, He, We]
                 if 'bev' in parts:
-                    terms['kd_bev'] = self.w['bev'] * gen_loss(f_hat, bev_e, area_e, self.bg_weight)
+                    terms['kd_bev'] = self.w['bev'] * generation_loss(f_hat, bev_e, area_e, self.bg_weight)
                 if 'focal' in parts:
-                    terms['kd_focal'] = self.w['focal'] * focal_loss(f_hat, bev_e, out_e['dec'], sel)
+                    terms['kd_focal'] = self.w['focal'] * focal_distillation_loss(f_hat, bev_e, out_e['dec'], sel)
             if 'pv' in parts:
                 terms.update(self.pv_terms(out_e, out_a, batch_e, batch_a, boxes, generate=True))
         elif self.mode == 'fitnet':
-            up = kd['bev_up'](kd['bev_adapter'](bev_a), hw_e)
+            up = kd['bev_up'](kd['bev_adapter'](bev_a), hw_e)  # [B, C, He, We]
             terms['kd_fitnet'] = self.w['fitnet'] * fitnet_loss(up, bev_e)
         elif self.mode == 'heatmap':
-            heat = torch.stack([gaussian_heatmap(g.to(bev_e.device).float(), hw_e,
-                                                  self.expert.cfg.pc_range) for g in batch_e['gt_boxes']])
-            up = kd['bev_up'](kd['bev_adapter'](bev_a), hw_e)
+            heat = torch.stack([gaussian_heatmap(g.to(bev_e.device).float(), hw_e, self.expert.cfg.pc_range)
+                                for g in batch_e['gt_boxes']])  # [B, He, We]
+            up = kd['bev_up'](kd['bev_adapter'](bev_a), hw_e)  # [B, C, He, We]
             terms['kd_heatmap'] = self.w['heatmap'] * heatmap_bev_loss(up, bev_e, heat)
             terms.update(self.pv_terms(out_e, out_a, batch_e, batch_a, None, generate=False))
         return terms
 
+    def detr3d_losses(self, out_e, out_a, batch_e, batch_a):
+        """`distill_losses` of a DETR3D pair (no BEV; docs/fd3d.md "FD3D for DETR3D"):
+          fd3d:    kd_pv_<l>, masked generation per apprentice FPN level inside the selected expert
+                   queries' projected boxes (`pv_terms`, as for BEVFormer), and kd_focal,
+                   `detr3d_focal_distillation_loss` on those same generated maps against the same
+                   (standardised) expert targets, at the expert's projected reference points;
+          mgd:     kd_pv_<l> with the random mask over the whole maps;
+          heatmap: kd_cwd_<l>, the baseline's channel-wise FPN half (its BEV half does not apply).
+        fitnet is BEV-only and refused by __init__; `parts` is a non-empty subset of pv, focal."""
+        if self.mode == 'heatmap':
+            return self.pv_terms(out_e, out_a, batch_e, batch_a, None, generate=False)
+        sel, boxes = self.focal_queries(out_e, batch_e) if self.mode == 'fd3d' else (None, None)
+        parts = self.parts if self.mode == 'fd3d' else ('pv',)
+        generated = {}                                  # expert level -> (F^, F_E target), [B*N, C, h, w]
+        pv = self.pv_terms(out_e, out_a, batch_e, batch_a, boxes, generate=True, keep=generated)
+        terms = pv if 'pv' in parts else {}
+        if 'focal' in parts:
+            B, N = out_e['fpn'][0].shape[:2]
+
+            def unflat(f):  # the loss samples per camera: [B*N, C, h, w] -> [B, N, C, h, w]
+                return f.view(B, N, *f.shape[1:])
+
+            levels = range(len(out_e['fpn']))
+            hats = [unflat(generated[j][0]) if j in generated else None for j in levels]     # [B, N, C, h, w]
+            targets = [unflat(generated[j][1]) if j in generated else None for j in levels]  # [B, N, C, h, w]
+            terms['kd_focal'] = self.w['focal'] * detr3d_focal_distillation_loss(hats, targets, out_e['dec'], sel)
+        return terms
+
     def forward(self, batch):
-        """A collated batch at the expert's resolution -> dict of scalar losses (sum = total)."""
+        """batch: data.collate's layout at the expert's resolution (img [B, N, 3, Hp, Wp], lidar2img
+        [B, N, 4, 4], gt_boxes/gt_labels lists, history with the longer queue of the two models) -> dict
+        of scalar losses: the apprentice's detection losses and the weighted terms (sum = total)."""
         batch_e, batch_a = model_inputs(batch, self.expert.cfg, self.apprentice.cfg, self.expert_input)
         out_a = self.apprentice(batch_a)
         losses = dict(self.apprentice.loss(out_a, batch_a))
@@ -718,480 +838,20 @@ class Distiller(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Pictures: selected queries, focal areas and sampling points over both BEV maps (DETR3D: per camera)
+# 8. Command line: `python distill.py table ...` is `python table.py ...`
 # ----------------------------------------------------------------------------------------------------
-
-def _footprint(box):
-    """The 4 ground corners (x, y) of one box [9], in drawing order -> [4, 2]."""
-    return box_corners(box[None], 1.0)[0, [2, 3, 7, 6], :2]
-
-
-@torch.no_grad()
-def vis_focal(distiller, batch, path):
-    """One PNG for the first sample of `batch` (collated, at the expert's resolution): the expert's and the
-    apprentice's BEV maps (per-cell feature norm, in metres), the BEV focal area (yellow outline), the
-    selected expert queries' boxes (red), their last decoder layer's sampling points (cyan, size ~
-    attention weight) and the GT boxes (green, dashed). Returns the number of selected queries."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    d = distiller
-    batch_e, batch_a = model_inputs(batch, d.expert.cfg, d.apprentice.cfg, d.expert_input)
-    was_training = d.apprentice.training
-    d.apprentice.eval()
-    out_a = d.apprentice(batch_a)
-    d.apprentice.train(was_training)
-    out_e = d.expert.eval()(batch_e)
-    sel, boxes = d.focal_queries(out_e, batch_e)
-    if 'bev' not in out_e:  # DETR3D: no BEV, the picture is per camera
-        _draw_pv_focal(d, batch_e, batch_a, out_e, out_a, sel, boxes, path)
-        return int(sel[0].sum())
-    pc = d.expert.cfg.pc_range
-    hw = tuple(out_e['bev'].shape[-2:])
-    area = bev_focal_area(boxes[0], hw, pc, d.box_scale).cpu()
-    xs = torch.linspace(pc[0], pc[3], hw[1] + 1)[:-1] + (pc[3] - pc[0]) / hw[1] / 2  # cell centres
-    ys = torch.linspace(pc[1], pc[4], hw[0] + 1)[:-1] + (pc[4] - pc[1]) / hw[0] / 2
-    last = out_e['dec'][-1]
-    loc = last['loc'][0, sel[0]].cpu()  # [K, M, 1, P, 2] normalised (x, y)
-    attn = last['attn'][0, sel[0]].cpu()  # [K, M, 1, P]
-    px, py = pc[0] + loc[..., 0] * (pc[3] - pc[0]), pc[1] + loc[..., 1] * (pc[4] - pc[1])
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6.5))
-    for ax, name, bev in [(axes[0], f'expert {d.expert.cfg.name}', out_e['bev'][0]),
-                          (axes[1], f'apprentice {d.apprentice.cfg.name}', out_a['bev'][0])]:
-        ax.imshow(bev.float().norm(dim=0).cpu(), origin='lower', cmap='gray', extent=(pc[0], pc[3], pc[1], pc[4]))
-        if area.any():
-            ax.contour(xs, ys, area, levels=[0.5], colors='yellow', linewidths=0.8)
-        for g in batch_e['gt_boxes'][0].float().cpu():
-            ax.add_patch(plt.Polygon(_footprint(g), fill=False, ec='lime', ls='--', lw=0.8))
-        for b in boxes[0].cpu():
-            ax.add_patch(plt.Polygon(_footprint(b), fill=False, ec='red', lw=1.0))
-        ax.scatter(px.flatten(), py.flatten(), s=2 + 30 * attn.flatten(), c='cyan', alpha=0.6, linewidths=0)
-        ax.set_title(f'{name} BEV {tuple(bev.shape[-2:])}: {int(sel[0].sum())} queries ({d.select})')
-        ax.set_xlim(pc[0], pc[3])
-        ax.set_ylim(pc[1], pc[4])
-        ax.set_xlabel('x (m, LIDAR_TOP)')
-        ax.set_ylabel('y (m)')
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return int(sel[0].sum())
-
-
-def _draw_pv_focal(d, batch_e, batch_a, out_e, out_a, sel, boxes, path):
-    """DETR3D's picture (fd3d.md 6): one column per camera. Row 1: the expert's input image with the
-    selected queries' focal rectangles (red), the GT boxes' rectangles (green, dashed) and the last
-    decoder layer's projected reference points of the selected queries where visible (cyan, size ~
-    summed sigmoid weight). Rows 2-3: the apprentice's finest FPN level and the expert level the loss
-    pairs with it (`Distiller.level_pairs`; feature norm over the padded image) with the PV focal area
-    of that expert level (yellow)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    img = batch_e['img'][0].float().cpu()                            # [N, 3, Hp, Wp] RGB 0..255
-    N, (Hp, Wp) = img.shape[0], img.shape[-2:]
-    l2i = batch_e['lidar2img'][0].float()
-    rect, ok = project_boxes(boxes[0].float(), l2i, (Hp, Wp), d.box_scale)            # [N, K, 4], [N, K]
-    g_rect, g_ok = project_boxes(batch_e['gt_boxes'][0].float().to(l2i.device), l2i, (Hp, Wp), 1.0)
-    last = out_e['dec'][-1]
-    uv = last['uv'][0, sel[0]].cpu() * torch.tensor([Wp, Hp])                            # [K, N, 2] pixels
-    vis = last['mask'][0, sel[0]].cpu()                                                  # [K, N]
-    weight = last['attn'][0, sel[0]].sum(-1).cpu()                                       # [K, N]
-    e_level = d.level_pairs(out_e, out_a, batch_e, batch_a)[0][0]   # the expert level paired with A's level 0
-    f_e = out_e['fpn'][e_level][0].float().norm(dim=1).cpu()                             # [N, h, w]
-    area = d.pv_areas(boxes, batch_e, [tuple(f_e.shape[-2:])])[0][0].cpu()               # [N, h, w]
-    f_a = out_a['fpn'][0][0].float().norm(dim=1).cpu()
-    extent = (0, Wp, Hp, 0)
-    fig, axes = plt.subplots(3, N, figsize=(3.2 * N, 6.2), squeeze=False)
-    for n in range(N):
-        ax = axes[0, n]
-        ax.imshow(img[n].permute(1, 2, 0).clamp(0, 255).byte().numpy(), extent=extent)
-        for (u0, v0, u1, v1), good in zip(g_rect[n].cpu().tolist(), g_ok[n].cpu().tolist()):
-            if good:
-                ax.add_patch(plt.Rectangle((u0, v0), u1 - u0, v1 - v0, fill=False, ec='lime', ls='--', lw=0.7))
-        for (u0, v0, u1, v1), good in zip(rect[n].cpu().tolist(), ok[n].cpu().tolist()):
-            if good:
-                ax.add_patch(plt.Rectangle((u0, v0), u1 - u0, v1 - v0, fill=False, ec='red', lw=0.9))
-        m = vis[:, n]
-        ax.scatter(uv[m, n, 0], uv[m, n, 1], s=4 + 20 * weight[m, n], c='cyan', linewidths=0)
-        name = CAMERAS[n] if N == len(CAMERAS) else f'camera {n}'
-        ax.set_title(f'{name}: {int(m.sum())} reference points', fontsize=8)
-        for row, fmap, who in ((1, f_e[n], f'expert {d.expert.cfg.name}'),
-                               (2, f_a[n], f'apprentice {d.apprentice.cfg.name}')):
-            ax = axes[row, n]
-            ax.imshow(fmap, cmap='gray', extent=extent)
-            if area[n].any():
-                ax.contour(area[n], levels=[0.5], colors='yellow', linewidths=0.8,
-                           extent=(0, Wp, 0, Hp), origin='upper')
-            ax.set_title(f'{who} FPN {tuple(fmap.shape)}', fontsize=8)
-    for ax in axes.flat:
-        ax.set_xlim(0, Wp)
-        ax.set_ylim(Hp, 0)
-        ax.axis('off')
-    fig.suptitle(f'{int(sel[0].sum())} selected expert queries ({d.select}): focal rectangles red, GT green, '
-                 f'reference points cyan, PV focal area yellow', fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, out_dir, device, teacher_preset=None):
-    """`evaluate.py --ckpt A.pt --vis-focal K [--teacher E.pt]`: K pictures (vis_focal) spread over the
-    split under out_dir. The expert is --teacher or the one recorded in the checkpoint's arguments."""
-    import os
-
-    import data
-    import models
-    args = models.load_checkpoint(ckpt_path)['args'] if ckpt_path else {}
-    teacher_preset = teacher_preset if teacher else args.get('teacher_preset')
-    teacher = teacher or args.get('teacher')
-    if not teacher:
-        raise InputError('--vis-focal: give --teacher CKPT (the checkpoint does not name its expert)')
-    expert, _, _ = models.model_from_checkpoint(teacher, '--teacher', teacher_preset)
-    d = Distiller(expert=expert.to(device), apprentice=apprentice.to(device), mode='fd3d',
-                  select=args.get('fd3d_select', 'matched+confident'), score=args.get('fd3d_score', 0.3),
-                  gate=args.get('fd3d_gate', 0.0),
-                  box_scale=args.get('fd3d_box_scale', 1.2), areas=args.get('fd3d_areas', 'pred'),
-                  expert_input=args.get('kd_expert_input', 'native'))
-    view, apprentice_view = loader_views(expert.cfg, apprentice.cfg, d.expert_input)
-    ds = data.NuScenesDataset(dataroot, version=version, split=split, train=False, view=view,
-                              apprentice=apprentice_view)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for i in sorted({int(j) for j in torch.linspace(0, len(ds) - 1, max(1, k))}):
-        batch = data.to_device(data.collate([ds[i]]), device)
-        path = os.path.join(out_dir, f'{i:04d}_{ds.sample_tokens[i]}.png')
-        n = vis_focal(d, batch, path)
-        print(f'wrote {path} ({n} selected queries)')
-        paths.append(path)
-    return paths
-
-
-# ----------------------------------------------------------------------------------------------------
-# 9. CLI: the time breakdown of a distillation step, and the paper's table in miniature
-# ----------------------------------------------------------------------------------------------------
-
-PAIRS = {'cpu': ('cpu-base', 'cpu-tiny'), 'paper-tiny': ('base-r101', 'fd3d-tiny'),
-         'paper-small': ('base', 'fd3d-small')}  # expert -> apprentice presets
-
-
-def bench(pair='cpu', device='cpu', iters=3, warmup=1):
-    """Print the time breakdown of one FD3D training step (batch 1, random weights, full history):
-    expert forward, apprentice forward(+loss)/backward, distillation losses with generators, and the
-    distillation overhead (everything except the expert's forward) relative to the apprentice-only step.
-    Also prints each term's starting magnitude beside the detection loss (how the weights were chosen)."""
-    import dataclasses
-    import os
-    import time
-    dev = torch.device(device)
-    e_name, a_name = PAIRS[pair]
-    torch.manual_seed(0)
-    expert = bevformer.BEVFormer(bevformer.get_config(e_name)).to(dev)
-    apprentice = bevformer.BEVFormer(bevformer.get_config(a_name)).to(dev)
-    d = Distiller(expert=expert, apprentice=apprentice, mode='fd3d').to(dev).train()
-    queue = max(expert.cfg.queue_length, apprentice.cfg.queue_length)
-    import data
-    import evaluate
-    batch = data.to_device(evaluate.example_batch(dataclasses.replace(expert.cfg, queue_length=queue)), dev)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
-
-    def clock():  # (wall, CPU seconds of this process): the second is steadier on a shared machine
-        sync()
-        return torch.tensor([time.perf_counter(), time.process_time()])
-
-    rows = []
-    for it in range(warmup + iters):
-        t0 = clock()
-        be, ba = model_inputs(batch, expert.cfg, apprentice.cfg)
-        t1 = clock()
-        with torch.no_grad():
-            out_e = expert(be)
-        t2 = clock()
-        out_a = apprentice(ba)
-        det = apprentice.loss(out_a, ba)
-        t3 = clock()
-        kd = d.distill_losses(out_e, out_a, be, ba)
-        t4 = clock()
-        (sum(det.values()) + sum(kd.values())).backward()
-        t5 = clock()
-        d.zero_grad(set_to_none=True)
-        # the apprentice alone on the same inputs (mode 'none')
-        ba = model_inputs(batch, expert.cfg, apprentice.cfg)[1]
-        t6 = clock()
-        loss = sum(apprentice.loss(apprentice(ba), ba).values())
-        t7 = clock()
-        loss.backward()
-        t8 = clock()
-        d.zero_grad(set_to_none=True)
-        if it >= warmup:
-            rows.append(dict(inputs=t1 - t0, expert_fwd=t2 - t1, app_fwd_loss=t3 - t2, kd_losses=t4 - t3,
-                             backward=t5 - t4, step=t5 - t0, app_fwd_only=t7 - t6, app_bwd_only=t8 - t7,
-                             app_only=t8 - t6))
-        if it == 0:
-            ldet = float(sum(det.values()).detach())
-            raw = {k: float(v.detach()) / {'kd_b': d.w['bev'], 'kd_f': d.w['focal'], 'kd_p': d.w['pv']}[k[:4]]
-                   for k, v in kd.items()}
-    med = {k: torch.stack([r[k] for r in rows]).median(0).values.tolist() for k in rows[0]}  # [wall, cpu]
-    # what distillation adds to the apprentice's own step, the expert's forward aside: the input
-    # downscale, the losses with their modules, and the extra backward through generators/upsampler
-    overhead = [med['inputs'][i] + med['kd_losses'][i] + max(0.0, med['backward'][i] - med['app_bwd_only'][i])
-                for i in range(2)]
-    print(f'FD3D step {e_name} -> {a_name} on {dev} (batch 1, history {queue - 1} frames, random weights, '
-          f'median of {iters} after {warmup} warm-up; {torch.get_num_threads()} threads, '
-          f'load average {os.getloadavg()[0]:.1f})')
-    print(f'  {"":40s} {"wall s":>8s} {"CPU s":>8s}')
-    for k, label in [('inputs', 'inputs (apprentice downscale)'), ('expert_fwd', 'expert forward (no grad)'),
-                     ('app_fwd_loss', 'apprentice forward + loss'), ('kd_losses', 'distillation losses + generators'),
-                     ('backward', 'backward (apprentice + generators)'), ('step', 'FD3D step total'),
-                     ('app_fwd_only', 'apprentice alone: forward + loss'),
-                     ('app_bwd_only', 'apprentice alone: backward'),
-                     ('app_only', 'apprentice-only step (fwd+loss+bwd)')]:
-        print(f'  {label:40s} {med[k][0]:8.3f} {med[k][1]:8.3f}')
-    print(f'  {"distillation overhead (inputs+losses+extra bwd)":40s} {overhead[0]:8.3f} {overhead[1]:8.3f}'
-          f'   = {overhead[0] / med["app_only"][0]:.2f}x wall, {overhead[1] / med["app_only"][1]:.2f}x CPU '
-          'of the apprentice-only step (target <= 0.5x)')
-    print(f'  starting magnitudes: detection loss {ldet:.2f}; unweighted ' +
-          ', '.join(f'{k} {v:.3f}' for k, v in raw.items()) + '; weighted ' +
-          ', '.join(f'{k} {float(v.detach()):.3f}' for k, v in kd.items()))
-    return med
-
-
-# The FD3D rows below were run before the query gate existed: they pin `--fd3d-gate 0` so that they stay
-# what their results are; 'fd3d gated' is the default FD3D (docs/fd3d.md).
-UNGATED = ['--fd3d-gate', '0']
-TABLE_RUNS = [  # (row name, --distill mode, extra train.py flags, seeds); the paper's comparison first
-    ('none', 'none', [], 3),
-    ('fd3d', 'fd3d', UNGATED, 3),
-    ('heatmap', 'heatmap', [], 3),  # 3 seeds too: the goal compares FD3D with it, and the gap is small
-    ('fitnet', 'fitnet', [], 1),
-    ('mgd', 'mgd', [], 1),
-    ('fd3d w/o focal', 'fd3d', UNGATED + ['--fd3d-parts', 'pv,bev'], 1),
-    ('fd3d w/o generation', 'fd3d', UNGATED + ['--fd3d-parts', 'focal', '--fd3d-mask-ratio', '0'], 1),
-    ('fd3d areas from GT', 'fd3d', UNGATED + ['--fd3d-areas', 'gt'], 1),
-    ('fd3d gated', 'fd3d', [], 1),
-]
-# The DETR3D rows (fd3d.md 6): expert detr3d-cpu-base -> apprentice detr3d-cpu-tiny, same world and schedule
-DETR3D_RUNS = [('detr3d none', 'none', [], 2), ('detr3d fd3d', 'fd3d', UNGATED, 2)]
-# Many short scenes, as data.DEFAULT_WORLD (cpu-tiny overfits a few long ones), at 400x225 for the expert
-# cpu-base; 480 validation samples so that the spread between seeds can be measured.
-TABLE_WORLD = dict(version='v1.0-trainval', train_scenes=80, val_scenes=40, samples_per_scene=12, image_scale=0.25)
-# minutes: wall time of the table invocation that finished the run, evaluation included (a run resumed
-# after an interruption counts only its last part; its log.jsonl's 'dt' has every iteration's time)
-TABLE_FIELDS = ['run', 'seed', 'mode', 'flags', 'iters', 'NDS', 'mAP', 'minutes']
-
-
-def run_folder(name, seed):
-    """The folder (under the table's OUT) of one row's run: 'expert', 'detr3d-expert', 'fd3d_wo_focal-s1'."""
-    experts = {'expert cpu-base': 'expert', 'expert detr3d-cpu-base': 'detr3d-expert'}
-    return experts.get(name) or f"{name.replace(' ', '_').replace('/', '')}-s{seed}"
-
-
-def read_table(csv_path):
-    """Finished rows of the table CSV (an absent file: none)."""
-    import csv
-    import os
-    if not os.path.exists(csv_path):
-        return []
-    with open(csv_path, newline='') as f:
-        return list(csv.DictReader(f))
-
-
-def train_command(dataroot, version, out, iters, extra, threads=0):
-    """The train.py command of one table run (one fixed schedule for every apprentice run)."""
-    import sys
-    return [sys.executable, 'train.py', '--dataroot', dataroot, '--version', version,
-            '--iters', str(iters), '--out', out, '--workers', '2', '--log-every', '50'] + (
-            ['--threads', str(threads)] if threads else []) + extra
-
-
-def run_subprocess(cmd, log_path):
-    """Run one train.py command, its output into log_path; -> (return code, last stdout line)."""
-    import subprocess
-    with open(log_path, 'a') as log:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-        log.write(proc.stdout)
-    lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
-    return proc.returncode, lines[-1] if lines else ''
-
-
-def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_iters=4000, runs=TABLE_RUNS,
-              runner=run_subprocess, only=None, version=TABLE_WORLD['version'], detr3d_runs=(), threads=0,
-              parallel=1):
-    """The paper's table in miniature (expert cpu-base, apprentice cpu-tiny), resumable: a run whose row is
-    in OUT/table.csv is skipped; an interrupted run continues from its last.pt (`train.py --resume`);
-    every finished run appends its row at once, so the command can run in parts. `parallel` train.py runs
-    go at a time (an apprentice only once its expert's row is written). -> the CSV rows."""
-    import concurrent.futures
-    import os
-    families = [('cpu-base', 'cpu-tiny', runs)]
-    if detr3d_runs:  # a second family (detr3d.py) with its own expert, trained first
-        families.append(('detr3d-cpu-base', 'detr3d-cpu-tiny', detr3d_runs))
-    unknown = sorted(set(only or ()) - {r[0] for family in families for r in family[2]})
-    if unknown:
-        raise InputError(f'--only {",".join(unknown)}: expected row names among '
-                         f'{", ".join(r[0] for family in families for r in family[2])}')
-    os.makedirs(out, exist_ok=True)
-    if not os.path.isdir(dataroot):
-        import data
-        print(f'writing the table world to {dataroot}: {TABLE_WORLD}')
-        data.write_synthetic_world(dataroot, **TABLE_WORLD)
-    csv_path = os.path.join(out, 'table.csv')
-    done = {(r['run'], r['seed']) for r in read_table(csv_path)}
-    jobs = []  # (row name, mode, flags, seed, iterations, folder, the row it needs first), in start order
-    for e_name, a_name, family in families:
-        if only and not any(r[0] in only for r in family):
-            continue
-        expert_row = (f'expert {e_name}', '0')
-        e_folder = run_folder(*expert_row)
-        expert = os.path.join(out, e_folder, 'last.pt')
-        jobs.append((expert_row[0], None, ['--model', e_name, '--seed', '0'], 0, expert_iters, e_folder, None))
-        # seed-major (a stable sort keeps the rows' order within a seed): every row's seed 0 comes
-        # before any seed 1, so a table run in parts has every row early
-        rows = sorted(((seed, row) for row in family for seed in range(row[3])), key=lambda j: j[0])
-        for seed, (name, mode, flags, _) in rows:
-            if not only or name in only:
-                jobs.append((name, mode, ['--teacher', expert, '--student', a_name, '--distill', mode,
-                                          '--seed', str(seed)] + flags, seed, iters, run_folder(name, seed),
-                             expert_row))
-    todo = [j for j in jobs if (j[0], str(j[3])) not in done]
-
-    def start(job, pool):
-        name, mode, flags, seed, n_iters, folder, _ = job
-        run_dir = os.path.join(out, folder)
-        ckpt = os.path.join(run_dir, 'last.pt')
-        cmd = train_command(dataroot, version, run_dir, n_iters, flags, threads)
-        if os.path.exists(ckpt):  # interrupted earlier: continue exactly where it stopped
-            cmd = cmd + ['--resume', ckpt]
-        print(f'[table] {name} seed {seed}: {" ".join(cmd[1:])}', flush=True)
-        os.makedirs(run_dir, exist_ok=True)
-        return pool.submit(timed, runner, cmd, os.path.join(run_dir, 'table_log.txt'))
-
-    running, failure = {}, None
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        while True:
-            while failure is None and len(running) < max(1, parallel):  # start what may start, in order
-                job = next((j for j in todo if j[6] is None or j[6] in done), None)
-                if job is None:
-                    break
-                todo.remove(job)
-                running[start(job, pool)] = job
-            if not running:  # finished, or nothing may start after a failure
-                break
-            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in finished:
-                name, mode, flags, seed, n_iters, folder, _ = running.pop(future)
-                code, last, minutes = future.result()
-                parts = last.split()
-                if code != 0 or len(parts) != 4 or parts[0] != 'NDS':
-                    failure = failure or (f'table run {name} seed {seed} failed (exit {code}); '
-                                          f'see {os.path.join(out, folder)}/table_log.txt')
-                    continue  # the runs still going finish and keep their rows
-                row = dict(run=name, seed=seed, mode=mode or 'expert', flags=' '.join(flags), iters=n_iters,
-                           NDS=float(parts[1]), mAP=float(parts[3]), minutes=minutes)
-                append_row(csv_path, row)
-                done.add((name, str(seed)))
-                print(f'[table] {name} seed {seed}: NDS {row["NDS"]:.4f} mAP {row["mAP"]:.4f}', flush=True)
-    if failure:
-        raise RuntimeError(failure)
-    rows = read_table(csv_path)
-    print(summarise_table(rows, out))
-    return rows
-
-
-def timed(runner, cmd, log_path):
-    """runner(cmd, log_path) -> (return code, last stdout line, wall minutes)."""
-    import time
-    t0 = time.time()
-    code, last = runner(cmd, log_path)
-    return code, last, round((time.time() - t0) / 60, 1)
-
-
-def append_row(csv_path, row):
-    """Append one finished run to the table CSV (the header first when the file is new)."""
-    import csv
-    import os
-    new = not os.path.exists(csv_path)
-    with open(csv_path, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def summarise_table(rows, out=None):
-    """Markdown table: NDS and mAP mean +- standard deviation over seeds per run; with `out` (the table's
-    folder) also the mean true-positive errors of the paper's table (mATE ... mAAE) from every run's
-    metrics_summary.json (a run without one leaves its cells '-')."""
-    import json
-    import os
-    import statistics
-    groups = {}
-    for r in rows:
-        groups.setdefault(r['run'], []).append(r)
-    canonical = (['expert cpu-base'] + [r[0] for r in TABLE_RUNS] + ['expert detr3d-cpu-base'] +
-                 [r[0] for r in DETR3D_RUNS])
-    order = sorted(groups, key=lambda n: canonical.index(n) if n in canonical else len(canonical))  # paper's order
-    tp = [('mATE', 'trans_err'), ('mASE', 'scale_err'), ('mAOE', 'orient_err'), ('mAVE', 'vel_err'),
-          ('mAAE', 'attr_err')] if out else []
-    lines = ['| run | seeds | NDS | mAP |' + ''.join(f' {name} |' for name, _ in tp),
-             '|---|---|---|---|' + '---|' * len(tp)]
-    for name in order:
-        g = groups[name]
-        cell = []
-        for key in ('NDS', 'mAP'):
-            v = [100 * float(r[key]) for r in g]
-            cell.append(f'{statistics.mean(v):.2f}' + (f' +- {statistics.stdev(v):.2f}' if len(v) > 1 else ''))
-        errors = []
-        for r in g if out else []:  # evaluate.py's summary of each seed's run
-            path = os.path.join(out, run_folder(r['run'], r['seed']), 'metrics_summary.json')
-            if os.path.exists(path):
-                with open(path) as f:
-                    errors.append(json.load(f)['tp_errors'])
-        for _, key in tp:
-            cell.append(f'{statistics.mean(e[key] for e in errors):.3f}' if len(errors) == len(g) else '-')
-        lines.append(f'| {name} | {len(g)} | ' + ' | '.join(cell) + ' |')
-    return '\n'.join(lines)
-
 
 def main(argv=None):
-    import argparse
-    import os
+    """`python distill.py table [flags]`: forwards the flags to table.main (the miniature table)."""
     import sys
-    p = argparse.ArgumentParser(description='FD3D: `bench` (time breakdown of a distillation step) and `table` '
-                                            '(the paper\'s table in miniature on the synthetic world).')
-    sub = p.add_subparsers(dest='cmd', required=True)
-    b = sub.add_parser('bench', help='time breakdown of one FD3D training step')
-    b.add_argument('--pair', default='cpu', choices=sorted(PAIRS), help='expert -> apprentice presets')
-    b.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
-    b.add_argument('--iters', type=int, default=3, help='timed iterations (after one warm-up)')
-    t = sub.add_parser('table', help='the miniature table (resumable; results accumulate in OUT/table.csv)')
-    t.add_argument('--out', default='runs/table', help='runs and table.csv')
-    t.add_argument('--dataroot', default='data/table_world', help='the table world (written if missing)')
-    t.add_argument('--iters', type=int, default=2000, help='iterations of every apprentice run (one schedule)')
-    t.add_argument('--expert-iters', type=int, default=4000, help='iterations of the cpu-base expert')
-    t.add_argument('--only', help='comma-separated row names to run now (the expert always comes first)')
-    t.add_argument('--summary', action='store_true', help='print the table of the finished rows (mean +- std '
-                   'over seeds, with the TP errors) and run nothing')
-    t.add_argument('--jobs', type=int, default=1, help='train.py runs at a time (an apprentice starts once its '
-                   'expert is trained); on a 2-core CPU --jobs 2 --threads 1')
-    t.add_argument('--threads', type=int, default=0, help="torch CPU threads of each train.py run (0: train.py's "
-                   'default)')
-    args = p.parse_args(argv)
-    try:
-        if args.cmd == 'bench':
-            bench(args.pair, args.device, args.iters)
-        else:
-            if args.summary:
-                print(summarise_table(read_table(os.path.join(args.out, 'table.csv')), args.out))
-                return
-            if args.jobs < 1 or args.threads < 0:
-                raise InputError(f'--jobs {args.jobs} --threads {args.threads}: '
-                                 'expected --jobs >= 1 and --threads >= 0')
-            run_table(args.out, args.dataroot, args.iters, args.expert_iters,
-                      only=set(args.only.split(',')) if args.only else None, detr3d_runs=DETR3D_RUNS,
-                      threads=args.threads, parallel=args.jobs)
-    except (InputError, RuntimeError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] != 'table':
+        print('usage: python distill.py table [--only ROWS] [--jobs J --threads T] [--summary] ...  '
+              '(the same as python table.py; FD3D pictures: python evaluate.py --vis-focal, '
+              'the step time: python evaluate.py --bench-distill)', file=sys.stderr)
         sys.exit(2)
+    import table  # lazily: table.py imports no model code, and nothing imports distill for its CLI
+    table.main(argv[1:], prog='distill.py table')
 
 
 if __name__ == '__main__':

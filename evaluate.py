@@ -4,24 +4,31 @@
     python evaluate.py --oracle --dataroot data/synthetic --out runs/oracle   # GT through the same path
     python evaluate.py --ckpt X.pt --vis 4                                # pictures under OUT/vis/
     python evaluate.py --speed --model cpu-tiny [--ckpt X.pt]             # latency, FPS, params, GFLOPs
+    python evaluate.py --bench                                            # params, GMACs, CPU step per preset
+    python evaluate.py --bench-distill cpu [--device cuda]                # one FD3D step, part by part
+    python evaluate.py --ckpt A.pt --vis-focal 4 [--teacher E.pt]         # FD3D focal areas under OUT/vis_focal/
     python evaluate.py --ckpt X.pt --dataroot /data/nuscenes --version v1.0-test --split test --format-only
     python evaluate.py --ckpt bevformer_tiny_epoch_24.pth --dataroot /data/nuscenes   # official, as it is
 
 The path from a prediction to a score is written once here and used by train.py too:
-  model.predict per sample, each scene in time order with its temporal state (architecture.md 2.13)
+  model.predict per sample, each scene in time order with its temporal state (the official
+  BEVFormer.forward_test's prev_frame_info)
   -> boxes in the LIDAR_TOP frame, our layout [x, y, z, w, l, h, yaw, vx, vy]
   -> devkit Box, lidar -> ego (LIDAR_TOP calibrated_sensor), class range filter in the ego frame,
-     ego -> global (LIDAR_TOP ego_pose), attribute rule (architecture.md 2.12)
+     ego -> global (LIDAR_TOP ego_pose), attribute rule (mmdet3d's NuScenesDataset._format_bbox)
   -> results_nusc.json -> the devkit's DetectionEval -> metrics_summary.json and the table.
 `--oracle` sends the ground truth through exactly this path, so a convention bug (a swapped w/l, the
 old mmdet3d yaw, a missing calibration step) shows up as NDS < 1 before any GPU time is spent.
 
-This file is also the home of the few helpers both entry points need: `preset_config`,
-`config_from_dict`, `build_model` (dispatch on `config.detector`), the safe checkpoint loader, and the
-reading of official mmdet3d checkpoints as they are (`model_from_checkpoint`: the preset given or inferred
-from the file's keys and shapes by `official_preset`).
+Models are built by models.py (a preset, a checkpoint of ours or an official mmdet3d one as it is).
+`--bench` prints the cost of every preset (parameters, multiply-adds, CPU training step) from a synthetic
+batch (`example_batch`), no data needed; `--bench-distill PAIR` times one FD3D training step part by
+part (expert forward, apprentice forward and backward, distillation losses, and the overhead over the
+apprentice alone). `--vis-focal K` draws FD3D's focal areas and sampling points as distill.Distiller
+sees them.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -33,6 +40,7 @@ import torch
 from pyquaternion import Quaternion
 
 import data
+import distill
 import models
 from data import InputError
 
@@ -41,7 +49,7 @@ from data import InputError
 
 
 def eval_set_name(version, split):
-    """The devkit's split name DetectionEval needs (nuscenes-format.md 3.1)."""
+    """The devkit's split name DetectionEval needs (the devkit's `mini_val`/`val`/`test`; docs/data.md)."""
     if split == 'test':
         return 'test'
     return f'mini_{split}' if version.endswith('mini') else split
@@ -65,8 +73,9 @@ def predict_split(model, ds, device, rank=0, world=1, workers=0, progress=True):
     """{sample_token: {'boxes' [K, 9], 'scores' [K], 'labels' [K]}} (numpy, LIDAR_TOP frame).
 
     Each scene runs in time order through `model.predict`, whose `state` carries the previous BEV
-    and pose (architecture.md 2.13; it resets itself at a new scene token). Under torchrun whole
-    scenes go to each rank, so the temporal chain is never cut, and rank 0 gathers the results.
+    and pose (the official BEVFormer.forward_test's prev_frame_info; it resets itself at a new scene
+    token). Under torchrun whole scenes go to each rank, so the temporal chain is never cut, and rank 0
+    gathers the results.
     The dataset must be built with queue_length=1: history comes from the state, not from the loader.
     """
     was_training = model.training
@@ -110,7 +119,7 @@ def ground_truth_as_predictions(ds, progress=True):
 
 
 # ------------------------------------------------------------------------------------------------
-# Predictions -> nuScenes submission (architecture.md 2.12)
+# Predictions -> nuScenes submission (as mmdet3d's NuScenesDataset._format_bbox)
 
 # Attribute rule of the official code: a moving object gets its class's "moving" attribute, a still
 # one its "still" attribute; DEFAULT_ATTRIBUTE otherwise.
@@ -238,7 +247,7 @@ def print_last_line(summary):
 
 
 # ------------------------------------------------------------------------------------------------
-# Pictures: six cameras with projected boxes, and a bird's-eye view
+# Pictures: six cameras with projected boxes, and a bird's-eye view; FD3D's focal areas (--vis-focal)
 
 PRED_COLOUR, GT_COLOUR = 'tab:red', 'tab:green'
 
@@ -298,6 +307,152 @@ def visualise(ds, preds, out_dir, k, score_threshold=0.3):
         fig.savefig(os.path.join(out_dir, f'{n:03d}_{token}.png'), dpi=70)
         plt.close(fig)
     print(f'wrote {len(picks)} pictures to {out_dir}')
+
+
+# FD3D pictures (`--vis-focal K`): what distill.py's Distiller distils from, drawn for one sample: the
+# selected expert queries, their focal areas and sampling points over both BEV maps (DETR3D: per camera)
+
+def _footprint(box):
+    """The 4 ground corners (x, y) of one box [9], in drawing order -> [4, 2]."""
+    return distill.box_corners(box[None], 1.0)[0, [2, 3, 7, 6], :2]
+
+
+@torch.no_grad()
+def vis_focal(distiller, batch, path):
+    """One PNG for the first sample of `batch` (collated, at the expert's resolution) with the
+    distill.Distiller's own inputs, queries and areas. BEVFormer: the expert's and the
+    apprentice's BEV maps (per-cell feature norm, in metres), the BEV focal area (yellow outline), the
+    selected expert queries' boxes (red), their last decoder layer's sampling points (cyan, size ~
+    attention weight) and the GT boxes (green, dashed); DETR3D: one column per camera
+    (`_draw_pv_focal`). Returns the number of selected queries."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    d = distiller
+    batch_e, batch_a = distill.model_inputs(batch, d.expert.cfg, d.apprentice.cfg, d.expert_input)
+    was_training = d.apprentice.training
+    d.apprentice.eval()
+    out_a = d.apprentice(batch_a)
+    d.apprentice.train(was_training)
+    out_e = d.expert.eval()(batch_e)
+    sel, boxes = d.focal_queries(out_e, batch_e)
+    if 'bev' not in out_e:  # DETR3D: no BEV, the picture is per camera
+        _draw_pv_focal(d, batch_e, batch_a, out_e, out_a, sel, boxes, path)
+        return int(sel[0].sum())
+    pc = d.expert.cfg.pc_range
+    hw = tuple(out_e['bev'].shape[-2:])
+    area = distill.bev_focal_area(boxes[0], hw, pc, d.box_scale).cpu()  # [H, W]
+    xs = torch.linspace(pc[0], pc[3], hw[1] + 1)[:-1] + (pc[3] - pc[0]) / hw[1] / 2  # cell centres
+    ys = torch.linspace(pc[1], pc[4], hw[0] + 1)[:-1] + (pc[4] - pc[1]) / hw[0] / 2
+    last = out_e['dec'][-1]
+    loc = last['loc'][0, sel[0]].cpu()  # [K, M, 1, P, 2] normalised (x, y)
+    attn = last['attn'][0, sel[0]].cpu()  # [K, M, 1, P]
+    px, py = pc[0] + loc[..., 0] * (pc[3] - pc[0]), pc[1] + loc[..., 1] * (pc[4] - pc[1])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.5))
+    for ax, name, bev in [(axes[0], f'expert {d.expert.cfg.name}', out_e['bev'][0]),
+                          (axes[1], f'apprentice {d.apprentice.cfg.name}', out_a['bev'][0])]:
+        ax.imshow(bev.float().norm(dim=0).cpu(), origin='lower', cmap='gray', extent=(pc[0], pc[3], pc[1], pc[4]))
+        if area.any():
+            ax.contour(xs, ys, area, levels=[0.5], colors='yellow', linewidths=0.8)
+        for g in batch_e['gt_boxes'][0].float().cpu():
+            ax.add_patch(plt.Polygon(_footprint(g), fill=False, ec='lime', ls='--', lw=0.8))
+        for b in boxes[0].cpu():
+            ax.add_patch(plt.Polygon(_footprint(b), fill=False, ec='red', lw=1.0))
+        ax.scatter(px.flatten(), py.flatten(), s=2 + 30 * attn.flatten(), c='cyan', alpha=0.6, linewidths=0)
+        ax.set_title(f'{name} BEV {tuple(bev.shape[-2:])}: {int(sel[0].sum())} queries ({d.select})')
+        ax.set_xlim(pc[0], pc[3])
+        ax.set_ylim(pc[1], pc[4])
+        ax.set_xlabel('x (m, LIDAR_TOP)')
+        ax.set_ylabel('y (m)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return int(sel[0].sum())
+
+
+def _draw_pv_focal(d, batch_e, batch_a, out_e, out_a, sel, boxes, path):
+    """DETR3D's picture (no BEV): one column per camera. Row 1: the expert's input image with the
+    selected queries' focal rectangles (red), the GT boxes' rectangles (green, dashed) and the last
+    decoder layer's projected reference points of the selected queries where visible (cyan, size ~
+    summed sigmoid weight). Rows 2-3: the apprentice's finest FPN level and the expert level the loss
+    pairs with it (`Distiller.level_pairs`; feature norm over the padded image) with the PV focal area
+    of that expert level (yellow)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    img = batch_e['img'][0].float().cpu()                            # [N, 3, Hp, Wp] RGB 0..255
+    N, (Hp, Wp) = img.shape[0], img.shape[-2:]
+    l2i = batch_e['lidar2img'][0].float()
+    rect, ok = distill.project_boxes(boxes[0].float(), l2i, (Hp, Wp), d.box_scale)    # [N, K, 4], [N, K]
+    g_rect, g_ok = distill.project_boxes(batch_e['gt_boxes'][0].float().to(l2i.device), l2i, (Hp, Wp), 1.0)
+    last = out_e['dec'][-1]
+    uv = last['uv'][0, sel[0]].cpu() * torch.tensor([Wp, Hp])                            # [K, N, 2] pixels
+    vis = last['mask'][0, sel[0]].cpu()                                                  # [K, N]
+    weight = last['attn'][0, sel[0]].sum(-1).cpu()                                       # [K, N]
+    e_level = d.level_pairs(out_e, out_a, batch_e, batch_a)[0][0]   # the expert level paired with A's level 0
+    f_e = out_e['fpn'][e_level][0].float().norm(dim=1).cpu()                             # [N, h, w]
+    area = d.pv_areas(boxes, batch_e, [tuple(f_e.shape[-2:])])[0][0].cpu()               # [N, h, w]
+    f_a = out_a['fpn'][0][0].float().norm(dim=1).cpu()
+    extent = (0, Wp, Hp, 0)
+    fig, axes = plt.subplots(3, N, figsize=(3.2 * N, 6.2), squeeze=False)
+    for n in range(N):
+        ax = axes[0, n]
+        ax.imshow(img[n].permute(1, 2, 0).clamp(0, 255).byte().numpy(), extent=extent)
+        for (u0, v0, u1, v1), good in zip(g_rect[n].cpu().tolist(), g_ok[n].cpu().tolist()):
+            if good:
+                ax.add_patch(plt.Rectangle((u0, v0), u1 - u0, v1 - v0, fill=False, ec='lime', ls='--', lw=0.7))
+        for (u0, v0, u1, v1), good in zip(rect[n].cpu().tolist(), ok[n].cpu().tolist()):
+            if good:
+                ax.add_patch(plt.Rectangle((u0, v0), u1 - u0, v1 - v0, fill=False, ec='red', lw=0.9))
+        m = vis[:, n]
+        ax.scatter(uv[m, n, 0], uv[m, n, 1], s=4 + 20 * weight[m, n], c='cyan', linewidths=0)
+        name = data.CAMERAS[n] if N == len(data.CAMERAS) else f'camera {n}'
+        ax.set_title(f'{name}: {int(m.sum())} reference points', fontsize=8)
+        for row, fmap, who in ((1, f_e[n], f'expert {d.expert.cfg.name}'),
+                               (2, f_a[n], f'apprentice {d.apprentice.cfg.name}')):
+            ax = axes[row, n]
+            ax.imshow(fmap, cmap='gray', extent=extent)
+            if area[n].any():
+                ax.contour(area[n], levels=[0.5], colors='yellow', linewidths=0.8,
+                           extent=(0, Wp, 0, Hp), origin='upper')
+            ax.set_title(f'{who} FPN {tuple(fmap.shape)}', fontsize=8)
+    for ax in axes.flat:
+        ax.set_xlim(0, Wp)
+        ax.set_ylim(Hp, 0)
+        ax.axis('off')
+    fig.suptitle(f'{int(sel[0].sum())} selected expert queries ({d.select}): focal rectangles red, GT green, '
+                 f'reference points cyan, PV focal area yellow', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def focal_pictures(apprentice, ckpt_path, teacher, dataroot, version, split, k, out_dir, device, teacher_preset=None):
+    """`evaluate.py --ckpt A.pt --vis-focal K [--teacher E.pt]`: K pictures (vis_focal) spread over the
+    split under out_dir. The expert is --teacher or the one recorded in the checkpoint's arguments."""
+    args = models.load_checkpoint(ckpt_path)['args'] if ckpt_path else {}
+    teacher_preset = teacher_preset if teacher else args.get('teacher_preset')
+    teacher = teacher or args.get('teacher')
+    if not teacher:
+        raise InputError('--vis-focal: give --teacher CKPT (the checkpoint does not name its expert)')
+    expert, _, _ = models.model_from_checkpoint(teacher, '--teacher', teacher_preset)
+    d = distill.Distiller(expert=expert.to(device), apprentice=apprentice.to(device), mode='fd3d',
+                          select=args.get('fd3d_select', 'matched+confident'), score=args.get('fd3d_score', 0.3),
+                          gate=args.get('fd3d_gate', 0.0),
+                          box_scale=args.get('fd3d_box_scale', 1.2), areas=args.get('fd3d_areas', 'pred'),
+                          expert_input=args.get('kd_expert_input', 'native'))
+    view, apprentice_view = distill.loader_views(expert.cfg, apprentice.cfg, d.expert_input)
+    ds = data.NuScenesDataset(dataroot, version=version, split=split, train=False, view=view,
+                              apprentice=apprentice_view)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i in sorted({int(j) for j in torch.linspace(0, len(ds) - 1, max(1, k))}):
+        batch = data.to_device(data.collate([ds[i]]), device)
+        path = os.path.join(out_dir, f'{i:04d}_{ds.sample_tokens[i]}.png')
+        n = vis_focal(d, batch, path)
+        print(f'wrote {path} ({n} selected queries)')
+        paths.append(path)
+    return paths
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,7 +531,8 @@ def example_batch(cfg, batch_size=1, history=True, num_gt=20, seed=0):
 
 
 # ------------------------------------------------------------------------------------------------
-# Cost: parameters, FLOPs, training-step time of every preset (`python evaluate.py --bench`)
+# Cost: parameters, FLOPs, training-step time of every preset (`python evaluate.py --bench`), and one
+# FD3D training step part by part (`python evaluate.py --bench-distill PAIR`)
 
 # GFLOPs of the FD3D paper's tables (mmcv-style, i.e. multiply-adds), printed beside ours (indicative)
 PAPER_GFLOPS = {'fd3d-tiny': 381.95, 'fd3d-small': 416.46, 'base': 1323.41, 'base-r101': 1845.36,
@@ -481,6 +637,101 @@ def bench(presets, step_presets, iters=3, threads=2):
         print(f'{name:<16} queue {cfg.queue_length}: {wall:.2f} s/iter wall, {cpu:.2f} s CPU', flush=True)
 
 
+# FD3D training step, part by part (`python evaluate.py --bench-distill PAIR`): expert -> apprentice presets
+DISTILL_PAIRS = {'cpu': ('cpu-base', 'cpu-tiny'), 'paper-tiny': ('base-r101', 'fd3d-tiny'),
+                 'paper-small': ('base', 'fd3d-small'), 'detr3d-cpu': ('detr3d-cpu-base', 'detr3d-cpu-tiny'),
+                 'detr3d-paper': ('detr3d-r101', 'detr3d-r50')}
+DISTILL_PARTS = [('inputs', 'inputs (apprentice downscale)'), ('expert_fwd', 'expert forward (no grad)'),
+                 ('app_fwd_loss', 'apprentice forward + loss'), ('kd_losses', 'distillation losses + generators'),
+                 ('backward', 'backward (apprentice + generators)'), ('step', 'FD3D step total'),
+                 ('app_fwd_only', 'apprentice alone: forward + loss'), ('app_bwd_only', 'apprentice alone: backward'),
+                 ('app_only', 'apprentice-only step (fwd+loss+bwd)')]
+
+
+def distill_step_times(d, batch, iters=3, warmup=1):
+    """Time one FD3D step of the distill.Distiller `d` on `batch` (at the expert's resolution), part by
+    part, and the apprentice's own step on the same inputs. -> (median {part: [wall s, CPU s]} over
+    `iters` steps after `warmup`, the first step's detection loss (float) and distillation terms (dict))."""
+    expert, apprentice = d.expert, d.apprentice
+    dev = next(apprentice.parameters()).device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
+
+    def clock():  # (wall, CPU seconds of this process): the second is steadier on a shared machine
+        sync()
+        return torch.tensor([time.perf_counter(), time.process_time()])
+
+    rows, first = [], None
+    for it in range(warmup + iters):
+        t0 = clock()
+        be, ba = distill.model_inputs(batch, expert.cfg, apprentice.cfg)
+        t1 = clock()
+        with torch.no_grad():
+            out_e = expert(be)
+        t2 = clock()
+        out_a = apprentice(ba)
+        det = apprentice.loss(out_a, ba)
+        t3 = clock()
+        kd = d.distill_losses(out_e, out_a, be, ba)
+        t4 = clock()
+        (sum(det.values()) + sum(kd.values())).backward()
+        t5 = clock()
+        d.zero_grad(set_to_none=True)
+        # the apprentice alone on the same inputs (mode 'none')
+        ba = distill.model_inputs(batch, expert.cfg, apprentice.cfg)[1]
+        t6 = clock()
+        loss = sum(apprentice.loss(apprentice(ba), ba).values())
+        t7 = clock()
+        loss.backward()
+        t8 = clock()
+        d.zero_grad(set_to_none=True)
+        if it >= warmup:
+            rows.append(dict(inputs=t1 - t0, expert_fwd=t2 - t1, app_fwd_loss=t3 - t2, kd_losses=t4 - t3,
+                             backward=t5 - t4, step=t5 - t0, app_fwd_only=t7 - t6, app_bwd_only=t8 - t7,
+                             app_only=t8 - t6))
+        if it == 0:
+            first = (float(sum(det.values()).detach()), {k: float(v.detach()) for k, v in kd.items()})
+    med = {k: torch.stack([r[k] for r in rows]).median(0).values.tolist() for k in rows[0]}  # [wall, cpu] each
+    return med, first[0], first[1]
+
+
+def distill_bench(pair='cpu', device='cpu', iters=3, warmup=1):
+    """Print the time breakdown of one FD3D training step of DISTILL_PAIRS[pair] (batch 1, random
+    weights, query gate off, the longer history of the two models): expert forward, apprentice forward(+loss)/backward,
+    distillation losses with generators, and the distillation overhead (everything except the expert's
+    forward) relative to the apprentice-only step. Also prints each term's starting magnitude beside the
+    detection loss (how the weights were chosen). -> the medians {part: [wall s, CPU s]}."""
+    dev = torch.device(device)
+    e_name, a_name = DISTILL_PAIRS[pair]
+    torch.manual_seed(0)
+    expert = models.build_model(models.preset_config(e_name, '--bench-distill')).to(dev)
+    apprentice = models.build_model(models.preset_config(a_name, '--bench-distill')).to(dev)
+    # gate 0: a random expert's matched queries all fail the query gate and none is confident, which
+    # would leave every focal area empty (all terms 0) and time an empty path
+    d = distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d', gate=0.0).to(dev).train()
+    queue = max(expert.cfg.queue_length, apprentice.cfg.queue_length)
+    batch = data.to_device(example_batch(dataclasses.replace(expert.cfg, queue_length=queue)), dev)
+    med, ldet, kd = distill_step_times(d, batch, iters, warmup)
+    weight = {'kd_b': d.w['bev'], 'kd_f': d.w['focal'], 'kd_p': d.w['pv']}  # by the terms' prefixes
+    raw = {k: v / weight[k[:4]] for k, v in kd.items()}
+    # what distillation adds to the apprentice's own step, the expert's forward aside: the input
+    # downscale, the losses with their modules, and the extra backward through generators/upsampler
+    overhead = [med['inputs'][i] + med['kd_losses'][i] + max(0.0, med['backward'][i] - med['app_bwd_only'][i])
+                for i in range(2)]
+    print(f'FD3D step {e_name} -> {a_name} on {dev} (batch 1, history {queue - 1} frames, random weights, '
+          f'median of {iters} after {warmup} warm-up; {torch.get_num_threads()} threads, '
+          f'load average {os.getloadavg()[0]:.1f})')
+    print(f'  {"":40s} {"wall s":>8s} {"CPU s":>8s}')
+    for k, label in DISTILL_PARTS:
+        print(f'  {label:40s} {med[k][0]:8.3f} {med[k][1]:8.3f}')
+    print(f'  {"distillation overhead (inputs+losses+extra bwd)":40s} {overhead[0]:8.3f} {overhead[1]:8.3f}'
+          f'   = {overhead[0] / med["app_only"][0]:.2f}x wall, {overhead[1] / med["app_only"][1]:.2f}x CPU '
+          'of the apprentice-only step (target <= 0.5x)')
+    print(f'  starting magnitudes: detection loss {ldet:.2f}; unweighted ' +
+          ', '.join(f'{k} {v:.3f}' for k, v in raw.items()) + '; weighted ' +
+          ', '.join(f'{k} {v:.3f}' for k, v in kd.items()))
+    return med
+
+
 # ------------------------------------------------------------------------------------------------
 # Speed
 
@@ -563,8 +814,8 @@ def get_args(argv=None):
     g.add_argument('--vis', type=int, default=0, metavar='K', help='pictures of K samples under OUT/vis/')
     g.add_argument('--vis-focal', type=int, default=0, metavar='K',
                    help="FD3D pictures of K samples under OUT/vis_focal/: the expert's selected queries, focal "
-                        "areas and sampling points over both BEV maps (distill.py); needs a distilled --ckpt or "
-                        "--teacher")
+                        "areas and sampling points over both BEV maps (DETR3D: per camera), as distill.py's "
+                        "Distiller sees them; needs a distilled --ckpt or --teacher")
     g.add_argument('--teacher', metavar='CKPT',
                    help='expert checkpoint for --vis-focal (default: the one the --ckpt was trained with)')
     g.add_argument('--teacher-preset', help='with an official mmdet3d --teacher: its preset (default: inferred)')
@@ -575,8 +826,13 @@ def get_args(argv=None):
                    'detr3d-r101,detr3d-r50,detr3d-cpu-tiny,detr3d-cpu-base', help='with --bench: the cost table')
     g.add_argument('--steps', default='cpu-tiny,cpu-base,detr3d-cpu-tiny,detr3d-cpu-base',
                    help='with --bench: presets whose CPU training step is timed')
-    g.add_argument('--iters', type=int, default=3, help='with --bench: timed steps per preset (after 1 warm-up)')
-    g.add_argument('--threads', type=int, default=2, help='with --bench: torch CPU threads')
+    g.add_argument('--bench-distill', metavar='PAIR', choices=sorted(DISTILL_PAIRS),
+                   help='time breakdown of one FD3D training step of an expert -> apprentice pair, random '
+                        'weights, batch 1 (no data, no checkpoint; --device, --iters, --threads): ' +
+                        ', '.join(f'{k} = {e} -> {a}' for k, (e, a) in DISTILL_PAIRS.items()))
+    g.add_argument('--iters', type=int, default=3, help='with --bench or --bench-distill: timed steps per preset '
+                   '(after 1 warm-up)')
+    g.add_argument('--threads', type=int, default=2, help='with --bench or --bench-distill: torch CPU threads')
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
     g.add_argument('--amp', action='store_true', help='fp16 autocast (CUDA only)')
@@ -596,6 +852,9 @@ def pick_device(name):
 
 
 def run(args):
+    if args.bench_distill:
+        torch.set_num_threads(args.threads)
+        return distill_bench(args.bench_distill, pick_device(args.device), args.iters)
     if args.bench:
         names = [n for n in args.presets.split(',') if n]
         steps = [n for n in args.steps.split(',') if n]
@@ -617,9 +876,8 @@ def run(args):
     out = args.out or (os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f'eval_{args.split}')
                        if args.ckpt else os.path.join('runs', 'oracle' if args.oracle else f'{args.model}-eval'))
     if args.vis_focal:
-        import distill
-        return distill.focal_pictures(model, args.ckpt, args.teacher, args.dataroot, args.version, args.split,
-                                      args.vis_focal, os.path.join(out, 'vis_focal'), device, args.teacher_preset)
+        return focal_pictures(model, args.ckpt, args.teacher, args.dataroot, args.version, args.split,
+                              args.vis_focal, os.path.join(out, 'vis_focal'), device, args.teacher_preset)
     if args.speed:
         if args.oracle:
             raise InputError('--speed times a model: give --model NAME or --ckpt CKPT, not --oracle')

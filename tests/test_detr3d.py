@@ -1,6 +1,7 @@
 """DETR3D invariants: feature sampling against a direct computation with nuscenes-devkit's projection,
 strict official-checkpoint loading against the key manifest, batch == one by one, gradients through the
-sampling, FD3D-for-DETR3D focal-loss invariants (fd3d.md 8), and train.py / evaluate.py on a DETR3D preset.
+sampling, FD3D-for-DETR3D invariants (distill.detr3d_focal_distillation_loss, Distiller.detr3d_losses: 0 at
+equality, > 0 otherwise, gradients only to the apprentice side), and train.py / evaluate.py on a DETR3D preset.
 Slow: overfitting one synthetic sample, one forward of detr3d-r50 at the real input size."""
 import dataclasses
 import json
@@ -282,7 +283,7 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# FD3D for DETR3D: focal distillation at the reference points (fd3d.md 6 and 8)
+# FD3D for DETR3D (distill.py): focal distillation at the expert's projected reference points
 # ---------------------------------------------------------------------------------------------
 
 def _expert_out(seed=0):
@@ -303,7 +304,8 @@ def _expert_out(seed=0):
     return expert, out, captured
 
 
-def test_fd3d_focal_loss_invariants():
+def test_detr3d_focal_distillation_loss_invariants():
+    import distill
     expert, out, captured = _expert_out()
     fpn_e = out['fpn']
     B, Q = out['dec'][0]['cls'].shape[:2]
@@ -311,11 +313,11 @@ def test_fd3d_focal_loss_invariants():
     sel[0, :7], sel[1, 30:35] = True, True
     # 0 at equality (generators = identity, no mask)
     same = [f.clone().requires_grad_(True) for f in fpn_e]
-    assert detr3d.fd3d_focal_loss(same, fpn_e, out['dec'], sel) == 0
+    assert distill.detr3d_focal_distillation_loss(same, fpn_e, out['dec'], sel) == 0
     # > 0 otherwise, and exactly the expert's points and weights: the op is linear in the features, so
     # for F^ = 2 F_E it is mean ||s_E||^2 / C with s_E what the expert's output_proj received
     hat = [(2 * f).requires_grad_(True) for f in fpn_e]
-    loss = detr3d.fd3d_focal_loss(hat, fpn_e, out['dec'], sel)
+    loss = distill.detr3d_focal_distillation_loss(hat, fpn_e, out['dec'], sel)
     expect = sum((s ** 2).mean(-1)[sel].mean() for s in captured) / len(captured)
     assert loss > 0 and torch.allclose(loss, expect, rtol=1e-4)
     # gradients reach only the generated features, never the expert (features, points, weights, params)
@@ -323,17 +325,17 @@ def test_fd3d_focal_loss_invariants():
     dec = [dict(d, uv=d['uv'].clone().requires_grad_(True), attn=d['attn'].clone().requires_grad_(True))
            for d in out['dec']]
     noisy = [(f + 0.1 * torch.randn_like(f)).requires_grad_(True) for f in fpn_e]
-    loss = detr3d.fd3d_focal_loss(noisy, fpn_leaf, dec, sel)
+    loss = distill.detr3d_focal_distillation_loss(noisy, fpn_leaf, dec, sel)
     loss.backward()
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in noisy)
     assert all(f.grad is None for f in fpn_leaf) and all(d['uv'].grad is None and d['attn'].grad is None for d in dec)
     assert all(p.grad is None for p in expert.parameters())
     # only the selected queries count: moving features seen only by unselected queries changes nothing
     none = torch.zeros_like(sel)
-    zero = detr3d.fd3d_focal_loss(noisy, fpn_e, out['dec'], none)
+    zero = distill.detr3d_focal_distillation_loss(noisy, fpn_e, out['dec'], none)
     assert zero == 0 and zero.requires_grad
     # a level without a generated map leaves both sums (None), and the loss still sees the others
-    part = detr3d.fd3d_focal_loss([hat[0], None, None], fpn_e, out['dec'], sel)
+    part = distill.detr3d_focal_distillation_loss([hat[0], None, None], fpn_e, out['dec'], sel)
     assert 0 < part < expect
 
 
@@ -343,7 +345,7 @@ class IdentityAlign(torch.nn.Module):
 
 
 def test_distiller_on_a_detr3d_pair_zero_at_equality_positive_otherwise():
-    """distill.Distiller hands a DETR3D pair to detr3d.distill_terms: fd3d gives kd_pv_<l> and kd_focal,
+    """distill.Distiller on a DETR3D pair (Distiller.detr3d_losses): fd3d gives kd_pv_<l> and kd_focal,
     mgd kd_pv_<l>, heatmap kd_cwd_<l>; fitnet (BEV only) is refused. With identity adapters and
     generators, no mask, no standardisation and A's features equal to E's, every term is 0; noise -> > 0."""
     import distill
@@ -398,41 +400,6 @@ def test_fd3d_parts_for_detr3d_work_or_are_refused_in_one_line():
         with pytest.raises(InputError, match=r'--fd3d-parts .*subset of pv,focal') as e:
             distill.Distiller(expert=expert, apprentice=apprentice, mode='fd3d', parts=parts)
         assert '\n' not in str(e.value)
-
-
-def test_miniature_table_has_the_detr3d_rows(tmp_path):
-    """`python distill.py table` (stand-in runner): the DETR3D family trains its own expert first, then the
-    apprentice alone and with FD3D, 2 seeds each, taught by that expert; `--only` a DETR3D row skips the
-    BEVFormer expert, and the BEVFormer rows never see the DETR3D expert."""
-    import distill
-    calls = []
-
-    def runner(cmd, log_path):
-        calls.append(cmd)
-        return 0, 'NDS 0.1000 mAP 0.0500'
-
-    world = tmp_path / 'world'
-    world.mkdir()
-    assert [r[:2] for r in distill.DETR3D_RUNS] == [('detr3d none', 'none'), ('detr3d fd3d', 'fd3d')]
-    rows = distill.run_table(str(tmp_path / 'out'), str(world), iters=5, expert_iters=7, runs=[('none', 'none', [], 1)],
-                             runner=runner, detr3d_runs=distill.DETR3D_RUNS)
-    outs = [os.path.basename(c[c.index('--out') + 1]) for c in calls]
-    assert outs == ['expert', 'none-s0', 'detr3d-expert', 'detr3d_none-s0', 'detr3d_fd3d-s0', 'detr3d_none-s1',
-                    'detr3d_fd3d-s1']
-    arg = lambda c, flag: c[c.index(flag) + 1]  # noqa: E731
-    assert arg(calls[2], '--model') == 'detr3d-cpu-base' and arg(calls[2], '--iters') == '7'
-    for c in calls[3:]:
-        assert arg(c, '--student') == 'detr3d-cpu-tiny'
-        assert arg(c, '--teacher').endswith(os.path.join('detr3d-expert', 'last.pt'))
-    assert arg(calls[1], '--teacher').endswith(os.path.join('out', 'expert', 'last.pt'))
-    assert [r['run'] for r in rows][2:] == ['expert detr3d-cpu-base'] + ['detr3d none', 'detr3d fd3d'] * 2
-    assert not any('--threads' in c for c in calls)  # by default train.py picks its threads
-    calls.clear()
-    distill.run_table(str(tmp_path / 'out2'), str(world), iters=5, expert_iters=7, runs=[('none', 'none', [], 1)],
-                      runner=runner, detr3d_runs=distill.DETR3D_RUNS, only={'detr3d fd3d'}, threads=1)
-    assert [os.path.basename(c[c.index('--out') + 1]) for c in calls] == ['detr3d-expert', 'detr3d_fd3d-s0',
-                                                                          'detr3d_fd3d-s1']
-    assert all(arg(c, '--threads') == '1' for c in calls)  # the table's --threads reaches every train.py run
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Tests of distill.py (specs/fd3d.md section 8): focal areas against nuscenes-devkit geometry, the mask
-ratio, every loss 0 at equality and > 0 otherwise, the focal term against a direct call of the op."""
+"""Tests of distill.py: focal areas against nuscenes-devkit geometry, the mask ratio, every loss 0 at
+equality and > 0 otherwise, the focal distillation term against a direct call of the op, the Distiller on
+real (shrunk) BEVFormer pairs, and the FD3D pictures (evaluate.vis_focal). DETR3D's FD3D terms are tested
+in test_detr3d.py, the miniature table in test_table.py."""
 import math
 
 import numpy as np
@@ -166,21 +168,21 @@ def test_generation_loss_zero_at_equality_positive_otherwise():
     f_e = torch.randn(2, 16, 20, 20)
     area = torch.zeros(2, 20, 20)
     area[:, 5:10, 5:12] = 1
-    assert distill.gen_loss(identity_generation(f_e.clone(), area), f_e, area) == 0
-    assert distill.gen_loss(identity_generation(f_e + 0.1, area), f_e, area) > 0
+    assert distill.generation_loss(identity_generation(f_e.clone(), area), f_e, area) == 0
+    assert distill.generation_loss(identity_generation(f_e + 0.1, area), f_e, area) > 0
     # a difference outside the focal area counts only with a background weight
     f_a = f_e.clone()
     f_a[:, :, 15:] += 1.0
-    assert distill.gen_loss(identity_generation(f_a, area), f_e, area) == 0
-    assert distill.gen_loss(identity_generation(f_a, area), f_e, area, bg_weight=0.1) > 0
+    assert distill.generation_loss(identity_generation(f_a, area), f_e, area) == 0
+    assert distill.generation_loss(identity_generation(f_a, area), f_e, area, bg_weight=0.1) > 0
     # the mask zeroes the fraction `ratio` of the focal cells (here on the apprentice's own grid)
     masked = identity_generation(f_e.abs() + 1, area, ratio=0.65)
     frac = (masked[:, 0] == 0)[area == 1].float().mean()
     assert 0.5 < frac < 0.8 and (masked[:, 0] == 0)[area == 0].sum() == 0
     # mgd baseline: the whole map is the area
     ones = torch.ones(2, 20, 20)
-    assert distill.gen_loss(identity_generation(f_e.clone(), ones), f_e, ones) == 0
-    assert distill.gen_loss(identity_generation(f_a, ones), f_e, ones) > 0
+    assert distill.generation_loss(identity_generation(f_e.clone(), ones), f_e, ones) == 0
+    assert distill.generation_loss(identity_generation(f_a, ones), f_e, ones) > 0
 
 
 def synthetic_decoder(B=2, Q=30, M=4, P=4, C=32, layers=3, seed=0):
@@ -194,15 +196,15 @@ def synthetic_decoder(B=2, Q=30, M=4, P=4, C=32, layers=3, seed=0):
     return dec
 
 
-def test_focal_loss_uses_expert_locations_weights_and_projection():
+def test_focal_distillation_loss_uses_expert_locations_weights_and_projection():
     torch.manual_seed(0)
     B, C, H, W = 2, 32, 16, 20
     dec = synthetic_decoder(B=B, C=C)
     bev_e = torch.randn(B, C, H, W)
     sel = torch.rand(B, 30) < 0.5
-    assert distill.focal_loss(bev_e.clone(), bev_e, dec, sel) == 0
+    assert distill.focal_distillation_loss(bev_e.clone(), bev_e, dec, sel) == 0
     bev_hat = (bev_e + 0.3 * torch.randn_like(bev_e)).requires_grad_()
-    loss = distill.focal_loss(bev_hat, bev_e, dec, sel)
+    loss = distill.focal_distillation_loss(bev_hat, bev_e, dec, sel)
     assert loss > 0
     # the same number from direct calls of the op with the expert's locations and weights
     shapes, start = torch.tensor([[H, W]]), torch.tensor([0])
@@ -225,8 +227,8 @@ def test_focal_loss_uses_expert_locations_weights_and_projection():
     for layer in dec:
         layer['loc'] = torch.full_like(layer['loc'], 0.05)  # every point near the corner (0, 0)
     far[:, :, H // 2:, W // 2:] += 5.0
-    assert distill.focal_loss(far, bev_e, dec, sel) == 0
-    assert distill.focal_loss(bev_hat, bev_e, dec, torch.zeros_like(sel)) == 0
+    assert distill.focal_distillation_loss(far, bev_e, dec, sel) == 0
+    assert distill.focal_distillation_loss(bev_hat, bev_e, dec, torch.zeros_like(sel)) == 0
 
 
 def test_baseline_losses_zero_at_equality_positive_otherwise():
@@ -455,8 +457,8 @@ class IdentityUp(nn.Module):
 
 @pytest.mark.parametrize('mode', ['fd3d', 'mgd', 'fitnet', 'heatmap'])
 def test_distiller_terms_zero_when_apprentice_features_equal_experts(mode):
-    """fd3d.md 8 at the Distiller level: generators, upsampler and adapters replaced by identities, no
-    mask, no standardisation, A's features equal to E's (BEV on the same grid; FPN maps laid out on the
+    """At the Distiller level: generators, upsampler and adapters replaced by identities, no mask, no
+    standardisation, A's features equal to E's (BEV on the same grid; FPN maps laid out on the
     apprentice's own padded image) -> every term 0; a perturbation -> > 0."""
     torch.manual_seed(0)
     expert, _ = small_pair()
@@ -509,137 +511,10 @@ def test_vis_focal_writes_a_picture(tmp_path):
     expert, apprentice = small_pair()
     d = distill.Distiller(expert=expert, apprentice=apprentice, areas='gt', select='confident', score=0.0)
     path = str(tmp_path / 'focal.png')
-    n = distill.vis_focal(d, evaluate.example_batch(expert.cfg, batch_size=1, num_gt=4), path)
+    n = evaluate.vis_focal(d, evaluate.example_batch(expert.cfg, batch_size=1, num_gt=4), path)
     assert n == expert.cfg.num_query  # score 0: every query is confident
     from PIL import Image
     assert Image.open(path).size[0] > 500
-
-
-def test_table_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
-    """`python distill.py table` logic on a tiny schedule with a stand-in runner (the real runs take hours):
-    the expert first, rows accumulate in the CSV, finished runs are skipped, an interrupted run (its
-    last.pt exists, no row) is resumed with --resume, a failed run stops the table with its log named."""
-    import os
-    os.makedirs(tmp_path / 'world')
-    calls = []
-
-    def runner(cmd, log_path, fail=()):
-        calls.append(cmd)
-        out = cmd[cmd.index('--out') + 1]
-        name = os.path.basename(out)
-        if name in fail:
-            return 1, 'Traceback'
-        open(os.path.join(out, 'last.pt'), 'w').close()
-        return 0, f'NDS 0.{len(calls):04d} mAP 0.0100'
-
-    runs = [('none', 'none', [], 2), ('fd3d w/o focal', 'fd3d', ['--fd3d-parts', 'pv,bev'], 1)]
-    with pytest.raises(RuntimeError, match='fd3d w/o focal seed 0 failed .*table_log.txt'):
-        distill.run_table(str(tmp_path / 'out'), str(tmp_path / 'world'), iters=5, expert_iters=7, runs=runs,
-                          runner=lambda c, p: runner(c, p, fail={'fd3d_wo_focal-s0'}))
-    first = [os.path.basename(c[c.index('--out') + 1]) for c in calls]
-    assert first == ['expert', 'none-s0', 'fd3d_wo_focal-s0']  # seed-major: every row's seed 0 first
-    assert calls[0][calls[0].index('--iters') + 1] == '7' and calls[1][calls[1].index('--iters') + 1] == '5'
-    assert '--teacher' in calls[1] and calls[2][-2:] == ['--fd3d-parts', 'pv,bev'] and '--resume' not in calls[2]
-    assert [(r['run'], r['seed']) for r in distill.read_table(str(tmp_path / 'out' / 'table.csv'))] == [
-        ('expert cpu-base', '0'), ('none', '0')]
-    # the failed run left a last.pt (as an interrupted run does): the second call resumes it only
-    open(tmp_path / 'out' / 'fd3d_wo_focal-s0' / 'last.pt', 'w').close()
-    calls.clear()
-    rows = distill.run_table(str(tmp_path / 'out'), str(tmp_path / 'world'), iters=5, expert_iters=7, runs=runs,
-                             runner=runner)
-    assert len(calls) == 2 and calls[0][-2:] == ['--resume', str(tmp_path / 'out' / 'fd3d_wo_focal-s0' / 'last.pt')]
-    assert os.path.basename(calls[1][calls[1].index('--out') + 1]) == 'none-s1' and '--resume' not in calls[1]
-    assert [(r['run'], r['seed']) for r in rows] == [('expert cpu-base', '0'), ('none', '0'), ('fd3d w/o focal', '0'),
-                                                     ('none', '1')]
-    calls.clear()
-    distill.run_table(str(tmp_path / 'out'), str(tmp_path / 'world'), iters=5, expert_iters=7, runs=runs,
-                      runner=runner)
-    assert calls == []  # everything finished: nothing runs again
-    table = distill.summarise_table(rows)
-    assert '| none | 2 |' in table and '+-' in table.splitlines()[3]
-
-
-def test_table_runs_jobs_in_parallel_after_their_expert(tmp_path, capsys):
-    """`distill.py table --jobs 2`: two runs at a time, an apprentice never before its expert's row is
-    written, the two families' experts side by side; a failed run stops new starts, the run still going
-    keeps its row; bad --jobs is one line."""
-    import os
-    import threading
-    import time
-    lock, state = threading.Lock(), dict(now=0, most=0, log=[])
-
-    def runner(cmd, log_path, fail=()):
-        folder = os.path.basename(cmd[cmd.index('--out') + 1])
-        with lock:
-            state['now'] += 1
-            state['most'] = max(state['most'], state['now'])
-            state['log'].append(('start', folder))
-        time.sleep(0 if folder in fail else 0.3 if 'expert' in folder or folder == 'fd3d-s0' else 0.02)
-        with lock:
-            state['now'] -= 1
-            state['log'].append(('end', folder))
-        open(os.path.join(os.path.dirname(log_path), 'last.pt'), 'w').close()
-        return (1, 'Traceback') if folder in fail else (0, 'NDS 0.1000 mAP 0.0500')
-
-    world = tmp_path / 'world'
-    world.mkdir()
-    runs = [('none', 'none', [], 2), ('fd3d', 'fd3d', [], 1)]
-    rows = distill.run_table(str(tmp_path / 'out'), str(world), iters=5, expert_iters=7, runs=runs,
-                             runner=runner, detr3d_runs=[('detr3d fd3d', 'fd3d', [], 1)], parallel=2)
-    assert state['most'] == 2 and state['now'] == 0
-    log = state['log']
-    assert set(log[:2]) == {('start', 'expert'), ('start', 'detr3d-expert')}  # the experts side by side
-    for family, expert in (('none-', 'expert'), ('fd3d-', 'expert'), ('detr3d_', 'detr3d-expert')):
-        ends = log.index(('end', expert))
-        assert all(log.index(e) > ends for e in log if e[0] == 'start' and e[1].startswith(family))
-    assert sorted((r['run'], r['seed']) for r in rows) == sorted(
-        [('expert cpu-base', '0'), ('none', '0'), ('none', '1'), ('fd3d', '0'), ('expert detr3d-cpu-base', '0'),
-         ('detr3d fd3d', '0')])
-    # a failure: no new run starts, the one still going writes its row, the error names the failed run
-    state.update(now=0, most=0, log=[])
-    with pytest.raises(RuntimeError, match='none seed 0 failed'):
-        distill.run_table(str(tmp_path / 'out2'), str(world), iters=5, expert_iters=7, runs=runs, parallel=2,
-                          runner=lambda c, p: runner(c, p, fail={'none-s0'}))
-    started = [f for what, f in state['log'] if what == 'start']
-    assert started[0] == 'expert' and sorted(started[1:]) == ['fd3d-s0', 'none-s0']  # none-s1 never started
-    assert [r['run'] for r in distill.read_table(str(tmp_path / 'out2' / 'table.csv'))] == ['expert cpu-base', 'fd3d']
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        distill.main(['table', '--out', str(tmp_path / 'out3'), '--dataroot', str(world), '--jobs', '0'])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and '--jobs 0' in err[0]
-    with pytest.raises(SystemExit):  # a row name that is not in the table
-        distill.main(['table', '--out', str(tmp_path / 'out3'), '--dataroot', str(world), '--only', 'fd3d,fd4d'])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and '--only fd4d' in err[0] and 'fd3d w/o focal' in err[0]
-    assert not os.path.exists(tmp_path / 'out3')  # refused before anything is written
-
-
-def test_table_summary_orders_rows_and_averages_the_tp_errors(tmp_path, capsys):
-    """`distill.py table --summary`: rows in the paper's order whatever order they finished in, NDS/mAP
-    mean +- std over seeds, TP errors averaged from each run's metrics_summary.json ('-' when one is missing)."""
-    import json
-    import os
-    rows = [dict(run='fd3d', seed='1', NDS='0.30', mAP='0.20'), dict(run='none', seed='0', NDS='0.20', mAP='0.10'),
-            dict(run='fd3d', seed='0', NDS='0.26', mAP='0.16'),
-            dict(run='expert cpu-base', seed='0', NDS='0.4', mAP='0.3')]
-    keys = ['trans_err', 'scale_err', 'orient_err', 'vel_err', 'attr_err']
-    for folder, base in (('fd3d-s0', 0.5), ('fd3d-s1', 0.7), ('expert', 0.1)):  # none-s0 has none
-        os.makedirs(tmp_path / folder)
-        with open(tmp_path / folder / 'metrics_summary.json', 'w') as f:
-            json.dump({'tp_errors': {k: base + i / 10 for i, k in enumerate(keys)}}, f)
-    with open(tmp_path / 'table.csv', 'w') as f:
-        f.write(','.join(distill.TABLE_FIELDS) + '\n')
-        for r in rows:
-            f.write(f"{r['run']},{r['seed']},m,,5,{r['NDS']},{r['mAP']},1.0\n")
-    distill.main(['table', '--out', str(tmp_path), '--summary'])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split('|')[3:10] == [' NDS ', ' mAP ', ' mATE ', ' mASE ', ' mAOE ', ' mAVE ', ' mAAE ']
-    assert [line.split('|')[1].strip() for line in lines[2:]] == ['expert cpu-base', 'none', 'fd3d']
-    fd3d = [c.strip() for c in lines[4].split('|')[2:-1]]
-    assert fd3d == ['2', '28.00 +- 2.83', '18.00 +- 2.83', '0.600', '0.700', '0.800', '0.900', '1.000']
-    assert lines[3].endswith('| 20.00 | 10.00 | - | - | - | - | - |')
-    assert not os.path.exists(tmp_path / 'none-s0')  # the summary runs nothing
 
 
 @pytest.mark.slow
@@ -670,31 +545,6 @@ def test_one_distillation_step_at_the_papers_real_sizes():
     assert d.kd['bev_gen'][0].weight.grad.abs().sum() > 0 and d.kd['pv_gens'][3][0].weight.grad.abs().sum() > 0
     assert apprentice.backbone.layer4[0].conv1.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in expert.parameters())
-
-
-@pytest.mark.slow
-def test_table_for_real_on_a_tiny_schedule(tmp_path_factory, capsys):
-    """`distill.run_table` with real train.py runs (2 iterations each) on the small world: the expert, the
-    apprentice alone and FD3D; then a lost row is re-run from its checkpoint with --resume."""
-    import os
-    from fixtures import small_world
-    world = small_world(tmp_path_factory.mktemp('world'))
-    out = str(tmp_path_factory.mktemp('table'))
-    runs = [('none', 'none', [], 1), ('fd3d', 'fd3d', [], 1)]
-    rows = distill.run_table(out, world, iters=2, expert_iters=2, runs=runs, version='v1.0-mini')
-    assert [r['run'] for r in rows] == ['expert cpu-base', 'none', 'fd3d']
-    assert all(0 <= float(r['NDS']) <= 1 for r in rows)
-    log = open(os.path.join(out, 'fd3d-s0', 'log.jsonl')).read()
-    assert 'kd_focal' in log and 'kd_pv_0' in log
-    csv_path = os.path.join(out, 'table.csv')
-    lines = open(csv_path).read().splitlines()
-    with open(csv_path, 'w') as f:  # as if the fd3d run had been interrupted before its row was written
-        f.write('\n'.join(lines[:-1]) + '\n')
-    capsys.readouterr()
-    rows = distill.run_table(out, world, iters=2, expert_iters=2, runs=runs, version='v1.0-mini')
-    assert [r['run'] for r in rows] == ['expert cpu-base', 'none', 'fd3d']
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith('[table]')]
-    assert len(printed) == 2 and printed[0].startswith('[table] fd3d seed 0:') and '--resume' in printed[0]
 
 
 @pytest.mark.slow
