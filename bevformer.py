@@ -706,7 +706,7 @@ class BEVFormerConfig(DetectorConfig):
     queue_length: int = 3          # frames per training sample (1 = no history)
     # training history: 'random' = BEVFormer's T-1 of the previous T frames; 'previous' = the T-1 frames
     # just before, as at test time (with T = 2 the random draw makes the gap 0.5 s or 1 s at random;
-    # on the synthetic world 'previous' nevertheless scored lower: README, "No GPU")
+    # on the synthetic world 'previous' nevertheless scored lower: docs/experiments.md)
     history_draw: str = 'random'
     # BEV encoder and the decoder's BEV cross-attention
     bev_h: int = 50
@@ -1091,11 +1091,11 @@ PRESETS = {
     # pairs (200x200 -> 100x100) and tested on its own. GridMask and dropout off: a 20-minute CPU run
     # underfits, and dropout alone cost ~10 % of a step in the profile. cpu-tiny has one encoder
     # layer: a history frame cost a quarter of its CPU step and an encoder layer a third, and the
-    # iterations they buy learn more in the 20-minute default run (README, "No GPU").
+    # iterations they buy learn more in the 20-minute default run (docs/experiments.md).
     # They train from scratch: nothing frozen and BatchNorm trained on batch statistics (the
     # official frozen stem/layer1 and frozen BN only make sense for a pretrained ResNet). No photometric
     # distortion (the field's default): on the default run it measured NDS 0.326 / mAP 0.156 against
-    # 0.338 / 0.183 without (four runs each, README "No GPU").
+    # 0.338 / 0.183 without (four runs each, docs/experiments.md).
     'cpu-tiny': BEVFormerConfig(name='cpu-tiny', image_size=(200, 113), normalisation='rgb', queue_length=1,
                                 backbone_depth=18, backbone_style='pytorch', backbone_width=32,
                                 backbone_out=(1, 2), fpn_levels=2, embed_dims=128, ffn_dims=256,
