@@ -487,6 +487,85 @@ def _lidar_points(rng, lidar_t, centres, yaws, wlh, objs_idx, visible, dists):
     return np.concatenate(pts, 0)
 
 
+def _lidar_sweep(path, rng, ego_pose, lidar_R_ego, centres, yaws, wlh, ids, vis, dist):
+    """Write one LIDAR_TOP point file (the sensor at the ego pose (g_R_e, g_t_e)) and return
+    {object index: (lidar points in its box, visibility)} for the objects `ids` (visibility `vis`,
+    distance `dist`), the points counted from what was written, back in the global frame."""
+    g_R_e, g_t_e = ego_pose
+    lidar_t = g_R_e @ np.array(LIDAR_XYZ) + g_t_e
+    pts = _lidar_points(rng, lidar_t, centres, yaws, wlh, ids, vis, dist)
+    g_R_l = g_R_e @ lidar_R_ego
+    local = np.concatenate([(pts[:, :3] - lidar_t) @ g_R_l, pts[:, 3:]], 1).astype(np.float32)
+    local.tofile(path)
+    back = local[:, :3].astype(np.float64) @ g_R_l.T + lidar_t
+    stats = {}
+    radius = np.linalg.norm(wlh[ids], axis=1) / 2 + 0.01
+    near = (((back[None, :, :2] - centres[ids][:, None, :2]) ** 2).sum(-1) < radius[:, None] ** 2)  # [n, P]
+    for j, (m, v) in enumerate(zip(ids, vis)):
+        box = Box(centres[m], wlh[m], Quaternion(yaw_quat(yaws[m])))
+        sel = back[near[j]]
+        stats[int(m)] = (int(points_in_box(box, sel.T).sum()) if len(sel) else 0, float(v))
+    return stats
+
+
+def _attribute(cls, moving):
+    """BEVFormer's test-time attribute rule (mmdet3d's `NuScenesDataset._format_bbox`), so that the GT sent
+    through the prediction path scores 1: the attribute name of a class index, moving or not (None for
+    barriers and traffic cones)."""
+    if cls in (0, 1, 2, 4):
+        return 'vehicle.moving' if moving else 'vehicle.parked'
+    if cls == 3:
+        return 'vehicle.moving' if moving else 'vehicle.stopped'
+    if cls in (6, 7):
+        return 'cycle.with_rider' if moving else 'cycle.without_rider'
+    if cls == 8:
+        return 'pedestrian.moving' if moving else 'pedestrian.standing'
+    return None
+
+
+def _annotations(objs, positions, ego_xy, ann_stats, n_samples, seed, tok):
+    """The instance and sample_annotation records of a scene: an instance is annotated on every sample
+    between the first and the last sample where it is within ANNOTATE_RANGE of the ego (0 lidar points
+    where it is out of sight: filtered by users). positions[k] = (centres, yaws, exists) of sample k,
+    ego_xy [n_samples, 2], ann_stats[k] = {object: (lidar points, visibility)}."""
+    instances, annotations = [], []
+    for m in np.nonzero(objs['cls'] >= 0)[0]:
+        cls = int(objs['cls'][m])
+        d = np.array([np.hypot(*(positions[k][0][m, :2] - ego_xy[k])) for k in range(n_samples)])
+        inside = np.nonzero((d < ANNOTATE_RANGE) & np.array([positions[k][2][m] for k in range(n_samples)]))[0]
+        if len(inside) == 0 or inside[-1] == inside[0]:
+            continue                                         # box_velocity needs >= 2 annotations
+        ks = range(inside[0], inside[-1] + 1)
+        inst = tok('instance', m)
+        moving = objs['v'][m] != 0
+        attr = _attribute(cls, moving)
+        for k in ks:
+            c, yaw = positions[k][0][m], positions[k][1][m]           # (inside the span: within 110 m)
+            n_pts, vis = ann_stats[k].get(int(m), (0, 0.0))
+            level = '1' if vis < 0.4 else '2' if vis < 0.6 else '3' if vis < 0.8 else '4'
+            annotations.append({
+                'token': tok('ann', m, k), 'sample_token': tok('sample', k), 'instance_token': inst,
+                'visibility_token': level, 'attribute_tokens': [token(seed, 'attribute', attr)] if attr else [],
+                'translation': [float(x) for x in c], 'size': [float(x) for x in objs['wlh'][m]],
+                'rotation': yaw_quat(yaw), 'prev': tok('ann', m, k - 1) if k > ks[0] else '',
+                'next': tok('ann', m, k + 1) if k < ks[-1] else '', 'num_lidar_pts': n_pts, 'num_radar_pts': 0})
+        instances.append({'token': inst, 'category_token': token(seed, 'category', CATEGORY[cls]),
+                          'nbr_annotations': len(ks), 'first_annotation_token': tok('ann', m, ks[0]),
+                          'last_annotation_token': tok('ann', m, ks[-1])})
+    return instances, annotations
+
+
+def _write_map_mask(path, road, extent, path_length):
+    """The map mask PNG (0.1 m per pixel, pixel = (x / 0.1, H - y / 0.1)): the drivable surface up to the
+    curbs, over the scene's extent (metres, x and y) and the ego's path length along the road."""
+    mw, mh = int(np.ceil(extent[0] / 0.1)), int(np.ceil(extent[1] / 0.1))
+    mask = Image.new('L', (mw, mh), 0)
+    s_line = np.linspace(-200, path_length + 200, 400)
+    poly = np.concatenate([road.point(s_line, np.full(400, CURB)), road.point(s_line[::-1], np.full(400, -CURB))])
+    ImageDraw.Draw(mask).polygon([(float(x / 0.1), float(mh - y / 0.1)) for x, y in poly], fill=255)
+    mask.save(path, compress_level=1)
+
+
 def _scene(args):
     """Everything of one scene (runs in a worker process): writes its JPEGs, point files and map PNG
     and returns its table records."""
@@ -568,27 +647,13 @@ def _scene(args):
                                 'is_key_frame': True, 'height': H, 'width': W, 'filename': fname,
                                 'prev': tok('sd', cam.name, k - 1) if k else '',
                                 'next': tok('sd', cam.name, k + 1) if k + 1 < n_samples else ''})
-        # LIDAR_TOP at the sample timestamp.
-        g_R_e, g_t_e = _pose_matrix(exy, eyaw)
-        lidar_t = g_R_e @ np.array(LIDAR_XYZ) + g_t_e
+        # LIDAR_TOP at the sample timestamp, and each annotated object's lidar points and visibility
         annotated = objs['cls'][cand] >= 0
         ids, vis = cand[annotated], (owned / np.maximum(hits, 1))[annotated]
-        pts = _lidar_points(np.random.default_rng([seed, scene_i, k, 99]), lidar_t, centres, yaws, objs['wlh'],
-                            ids, vis, dist[ids])
-        g_R_l = g_R_e @ lidar_R_ego
-        local = np.concatenate([(pts[:, :3] - lidar_t) @ g_R_l, pts[:, 3:]], 1).astype(np.float32)
         fname = 'samples/LIDAR_TOP/%s__LIDAR_TOP__%d.pcd.bin' % (logfile, ts)
-        local.tofile(os.path.join(out, fname))
-        # Count points per box from what was written (back in the global frame).
-        back = local[:, :3].astype(np.float64) @ g_R_l.T + lidar_t
-        stats = {}
-        radius = np.linalg.norm(objs['wlh'][ids], axis=1) / 2 + 0.01
-        near = (((back[None, :, :2] - centres[ids][:, None, :2]) ** 2).sum(-1) < radius[:, None] ** 2)  # [n, P]
-        for j, (m, v) in enumerate(zip(ids, vis)):
-            box = Box(centres[m], objs['wlh'][m], Quaternion(yaw_quat(yaws[m])))
-            sel = back[near[j]]
-            stats[int(m)] = (int(points_in_box(box, sel.T).sum()) if len(sel) else 0, float(v))
-        ann_stats.append(stats)
+        ann_stats.append(_lidar_sweep(os.path.join(out, fname), np.random.default_rng([seed, scene_i, k, 99]),
+                                      _pose_matrix(exy, eyaw), lidar_R_ego, centres, yaws, objs['wlh'], ids, vis,
+                                      dist[ids]))
         sd_tok = tok('sd', 'LIDAR_TOP', k)
         ego_poses.append({'token': sd_tok, 'timestamp': ts, 'rotation': yaw_quat(eyaw),
                           'translation': [float(exy[0]), float(exy[1]), 0.0]})
@@ -598,52 +663,8 @@ def _scene(args):
                             'prev': tok('sd', 'LIDAR_TOP', k - 1) if k else '',
                             'next': tok('sd', 'LIDAR_TOP', k + 1) if k + 1 < n_samples else ''})
 
-    # Annotations: an instance is annotated on every sample between the first and the last sample where it
-    # is within ANNOTATE_RANGE of the ego (0 lidar points where it is out of sight: filtered by users).
-    ego_xy = np.array(ego_xy)
-    instances, annotations = [], []
-    for m in np.nonzero(objs['cls'] >= 0)[0]:
-        cls = int(objs['cls'][m])
-        d = np.array([np.hypot(*(positions[k][0][m, :2] - ego_xy[k])) for k in range(n_samples)])
-        inside = np.nonzero((d < ANNOTATE_RANGE) & np.array([positions[k][2][m] for k in range(n_samples)]))[0]
-        if len(inside) == 0 or inside[-1] == inside[0]:
-            continue                                         # box_velocity needs >= 2 annotations
-        ks = range(inside[0], inside[-1] + 1)
-        inst = tok('instance', m)
-        moving = objs['v'][m] != 0
-        # BEVFormer's test-time attribute rule (mmdet3d's `NuScenesDataset._format_bbox`), so GT through the
-        # prediction path scores 1
-        if cls in (0, 1, 2, 4):
-            attr = 'vehicle.moving' if moving else 'vehicle.parked'
-        elif cls == 3:
-            attr = 'vehicle.moving' if moving else 'vehicle.stopped'
-        elif cls in (6, 7):
-            attr = 'cycle.with_rider' if moving else 'cycle.without_rider'
-        elif cls == 8:
-            attr = 'pedestrian.moving' if moving else 'pedestrian.standing'
-        else:
-            attr = None                                      # barrier, traffic cone
-        for k in ks:
-            c, yaw = positions[k][0][m], positions[k][1][m]           # (inside the span: within 110 m)
-            n_pts, vis = ann_stats[k].get(int(m), (0, 0.0))
-            level = '1' if vis < 0.4 else '2' if vis < 0.6 else '3' if vis < 0.8 else '4'
-            annotations.append({
-                'token': tok('ann', m, k), 'sample_token': tok('sample', k), 'instance_token': inst,
-                'visibility_token': level, 'attribute_tokens': [token(seed, 'attribute', attr)] if attr else [],
-                'translation': [float(x) for x in c], 'size': [float(x) for x in objs['wlh'][m]],
-                'rotation': yaw_quat(yaw), 'prev': tok('ann', m, k - 1) if k > ks[0] else '',
-                'next': tok('ann', m, k + 1) if k < ks[-1] else '', 'num_lidar_pts': n_pts, 'num_radar_pts': 0})
-        instances.append({'token': inst, 'category_token': token(seed, 'category', CATEGORY[cls]),
-                          'nbr_annotations': len(ks), 'first_annotation_token': tok('ann', m, ks[0]),
-                          'last_annotation_token': tok('ann', m, ks[-1])})
-
-    # Map mask (0.1 m per pixel, pixel = (x / 0.1, H - y / 0.1)): the drivable surface up to the curbs.
-    mw, mh = int(np.ceil(extent[0] / 0.1)), int(np.ceil(extent[1] / 0.1))
-    mask = Image.new('L', (mw, mh), 0)
-    s_line = np.linspace(-200, ego_v * duration + 200, 400)
-    poly = np.concatenate([road.point(s_line, np.full(400, CURB)), road.point(s_line[::-1], np.full(400, -CURB))])
-    ImageDraw.Draw(mask).polygon([(float(x / 0.1), float(mh - y / 0.1)) for x, y in poly], fill=255)
-    mask.save(os.path.join(out, 'maps', map_tok + '.png'), compress_level=1)
+    instances, annotations = _annotations(objs, positions, np.array(ego_xy), ann_stats, n_samples, seed, tok)
+    _write_map_mask(os.path.join(out, 'maps', map_tok + '.png'), road, extent, ego_v * duration)
 
     scene = {'token': scene_tok, 'log_token': log_tok, 'nbr_samples': n_samples,
              'first_sample_token': samples[0]['token'], 'last_sample_token': samples[-1]['token'], 'name': name,
