@@ -61,7 +61,7 @@ PAD = 32                     # images are zero-padded to a multiple of this
 # many short scenes, under v1.0-trainval names because mini has only 8 + 2, with images at the cpu-tiny
 # input size (200x113: nothing to resize, 4x fewer pixels to render and decode). Why: on mini's 8 long
 # scenes (320 training samples) cpu-tiny overfit within the default run (after 2000 iterations: train mAP
-# 0.092, val 0.025); the README's "No GPU" section has the measurements that chose these numbers.
+# 0.092, val 0.025); docs/experiments.md has the measurements that chose these numbers.
 DEFAULT_WORLD = dict(version='v1.0-trainval', train_scenes=100, val_scenes=15, samples_per_scene=12,
                      image_scale=0.125)
 

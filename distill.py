@@ -3,9 +3,8 @@
 Paper: J. Zeng et al., "Distilling Focal Knowledge from Imperfect Expert for 3D Object Detection",
 CVPR 2023, pp. 992-1001. The authors released only their code base, a baseline distiller (heatmap-masked
 BEV L2 + channel-wise distillation on the FPN) and an unused "distillation branch"; FD3D itself was never
-published. This file is our reconstruction (the choices we made where the paper is silent: docs/fd3d.md
-and the README's "Distillation (FD3D)" and "Paper notes"), read top to bottom beside the paper's
-overview figure:
+published. This file is our reconstruction (the choices we made where the paper is silent: docs/fd3d.md,
+with the flag that holds each), read top to bottom beside the paper's overview figure:
 
   1. focal area generation: the selected expert queries' 3D boxes, in BEV and in every camera/FPN level
   2. random focal masks inside those areas (masked feature generation, MGD-style, ratio lambda)
@@ -30,7 +29,7 @@ Where we differ from the released code (each is a flag where a reader may want t
 - the baseline's Gaussian heatmap is drawn directly on the expert's BEV grid (the released code drew it
   on a 0.8 m grid and nearest-upsampled it).
 Everything the paper leaves open is a keyword argument of `Distiller` (and a `--fd3d-*` flag of
-train.py); the README's "Paper notes" list them with their defaults.
+train.py); docs/fd3d.md "Every flag" lists them with their defaults.
 
 Letters: B batch, N cameras, C channels, Q queries, M heads, L levels, P points, K boxes, H/W sizes.
 Box layout [x, y, z, w, l, h, yaw, vx, vy] in the LIDAR_TOP frame; BEV column = x, row = y.
@@ -579,7 +578,7 @@ MODES = ('fd3d', 'heatmap', 'fitnet', 'mgd', 'none')
 PARTS = ('pv', 'bev', 'focal')
 SELECTIONS = ('matched', 'confident', 'matched+confident')
 
-# Loss weights (see the README's "Paper notes" for how they were chosen): each term starts within an
+# Loss weights (docs/fd3d.md "Loss weights": how they were chosen): each term starts within an
 # order of magnitude of the apprentice's detection loss.
 W_PV, W_BEV, W_FOCAL, W_FITNET = 2.0, 4.0, 4.0, 4.0
 W_HEATMAP, W_CWD, CWD_TAU = 0.1, 0.25, 2.0  # the released baseline's values
