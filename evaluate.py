@@ -68,6 +68,14 @@ def _as_numpy(det):
             for k in ('boxes', 'scores', 'labels')}
 
 
+def eval_dataset(dataroot, version, split, cfg):
+    """The split as the model's preset loads it for evaluation (data.view_of: its image size and image
+    loading, its CAN-bus fallback; queue_length 1, because history comes from `predict`'s state).
+    train.py's periodic evaluation and this file's --ckpt evaluation both use it."""
+    return data.NuScenesDataset(dataroot, version=version, split=split, train=False,
+                                view=data.view_of(cfg, queue_length=1))
+
+
 @torch.no_grad()
 def predict_split(model, ds, device, rank=0, world=1, workers=0, progress=True):
     """{sample_token: {'boxes' [K, 9], 'scores' [K], 'labels' [K]}} (numpy, LIDAR_TOP frame).
@@ -887,8 +895,7 @@ def run(args):
         preds = ground_truth_as_predictions(ds)
     else:
         model.to(device)
-        ds = data.NuScenesDataset(args.dataroot, version=args.version, split=args.split,
-                                  image_size=tuple(cfg.image_size), queue_length=1, train=False)
+        ds = eval_dataset(args.dataroot, args.version, args.split, cfg)
         preds = predict_split(model, ds, device, workers=args.workers)
     result_path = os.path.join(out, 'results_nusc.json')
     write_json(result_path, to_submission(ds.nusc, preds, ds.sample_tokens))

@@ -459,8 +459,7 @@ def make_datasets(args, cfg, load_view, apprentice_view):
                                      photometric=photometric, view=load_view, apprentice=apprentice_view)
     if args.no_eval and not args.eval_every:
         return train_set, None
-    val_set = data.NuScenesDataset(args.dataroot, version=args.version, split='val', train=False,
-                                   view=data.view_of(cfg, queue_length=1))
+    val_set = evaluate.eval_dataset(args.dataroot, args.version, 'val', cfg)
     return train_set, val_set
 
 

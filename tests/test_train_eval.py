@@ -549,3 +549,26 @@ def test_speed_prints_the_protocol_and_the_figures(preset, extra, history, capsy
     assert fields[0] == 'latency' and fields[3] == 'FPS' and fields[5] == 'parameters' and fields[8] == 'GFLOPs'
     assert float(fields[1]) > 0 and float(fields[6]) > 0.1 and float(fields[9]) > 0.1
     assert res is None   # main() prints; the figures are in run()'s return value
+
+
+def test_evaluate_loads_the_split_as_the_checkpoints_preset_does(world, tmp_path):
+    # tests/data/bevformer_bf44445.pt: cpu-tiny shrunk, image_size (64, 36), image_loading 'fast'; the
+    # world's images are 200x113, so the 'official' resize (no antialiasing) would give other pixels
+    ckpt = os.path.join(ROOT, 'tests', 'data', 'bevformer_bf44445.pt')
+    model, cfg, _ = models.model_from_checkpoint(ckpt)
+    assert cfg.image_loading == 'fast' and tuple(cfg.image_size) == (64, 36)
+    out = str(tmp_path / 'eval')
+    evaluate.main(['--ckpt', ckpt, '--dataroot', world, '--version', 'v1.0-mini', '--out', out,
+                   '--workers', '0', '--device', 'cpu'])
+    with open(os.path.join(out, 'results_nusc.json')) as f:
+        got = json.load(f)['results']
+    ds = data.NuScenesDataset(world, version='v1.0-mini', split='val', train=False,
+                              view=data.view_of(cfg, queue_length=1))
+    assert evaluate.eval_dataset(world, 'v1.0-mini', 'val', cfg).view == ds.view
+    want = evaluate.to_submission(ds.nusc, evaluate.predict_split(model, ds, torch.device('cpu'), progress=False),
+                                  ds.sample_tokens)['results']
+    assert sorted(got) == sorted(want)
+    for token in want:
+        a = sorted((d['detection_name'], d['translation']) for d in got[token])
+        b = sorted((d['detection_name'], d['translation']) for d in want[token])
+        assert len(a) == len(b) and all(x[0] == y[0] and np.allclose(x[1], y[1], atol=1e-4) for x, y in zip(a, b))
