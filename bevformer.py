@@ -223,17 +223,16 @@ class TemporalSelfAttention(nn.Module):
         _init_deformable(self, heads, 2, points)
         _xavier(self.value_proj, self.output_proj)
 
-    def forward(self, x, pos, prev, cur, ref_prev, ref_cur, bev_hw):
-        """x [B, Q, C] layer input; pos [B, Q, C]; prev/cur [B, Q, C] the two value slots;
-        ref_prev/ref_cur [B, Q, 2] normalised (x, y). Returns [B, Q, C]."""
+    def sampling_points(self, x, pos, prev, ref_prev, ref_cur, bev_hw):
+        """Where, and with which weights, each BEV query samples the two slots (evaluate.py draws them):
+        loc [2B, Q, M, 1, P, 2] normalised (x, y) and aw [2B, Q, M, 1, P], row b * 2 + t (t = 0: the
+        aligned previous BEV, t = 1: the current queries). Inputs as `forward`."""
         B, Q, C = x.shape
         M, P = self.heads, self.points
         H, W = bev_hw
-        value = torch.stack([prev, cur], 1).flatten(0, 1)                 # [2B, Q, C], row b*2 + t
         # official: cat([value[:B], query]) with value's rows ordered b * 2 + t, so value[:B] is every
         # sample's previous BEV only at B = 1 (issue #96); that is `prev` itself, which we use at any B
         q = torch.cat([prev, x + pos], -1)                                # [B, Q, 2C]
-        v = self.value_proj(value).view(2 * B, Q, M, C // M)              # [2B, Q, M, C/M]
         off = self.sampling_offsets(q).view(B, Q, M, 2, 1, P, 2)          # [B, Q, M, slot, level, P, xy]
         # softmax over the P points of each slot: each queue slot is a separate attention, averaged below
         aw = self.attention_weights(q).view(B, Q, M, 2, P).softmax(-1).view(B, Q, M, 2, 1, P)
@@ -241,7 +240,16 @@ class TemporalSelfAttention(nn.Module):
         off = off.permute(0, 3, 1, 2, 4, 5, 6).reshape(2 * B, Q, M, 1, P, 2)
         aw = aw.permute(0, 3, 1, 2, 4, 5).reshape(2 * B, Q, M, 1, P)
         ref = torch.stack([ref_prev, ref_cur], 1).flatten(0, 1)          # [2B, Q, 2]
-        loc = ref[:, :, None, None, None, :] + off / off.new_tensor([W, H])
+        return ref[:, :, None, None, None, :] + off / off.new_tensor([W, H]), aw
+
+    def forward(self, x, pos, prev, cur, ref_prev, ref_cur, bev_hw):
+        """x [B, Q, C] layer input; pos [B, Q, C]; prev/cur [B, Q, C] the two value slots;
+        ref_prev/ref_cur [B, Q, 2] normalised (x, y). Returns [B, Q, C]."""
+        B, Q, C = x.shape
+        H, W = bev_hw
+        value = torch.stack([prev, cur], 1).flatten(0, 1)                 # [2B, Q, C], row b*2 + t
+        v = self.value_proj(value).view(2 * B, Q, self.heads, C // self.heads)   # [2B, Q, M, C/M]
+        loc, aw = self.sampling_points(x, pos, prev, ref_prev, ref_cur, bev_hw)
         shapes = torch.tensor([[H, W]], device=x.device)
         out = msda(v, shapes, loc, aw)                                    # [2B, Q, C]
         out = out.view(B, 2, Q, C).mean(1)                                # [2B, Q, C] -> [B, Q, C]: mean of the slots
