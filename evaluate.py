@@ -3,6 +3,7 @@
     python evaluate.py --ckpt runs/cpu-tiny/last.pt                     # val: NDS, mAP, per-class table
     python evaluate.py --oracle --dataroot data/synthetic --out runs/oracle   # GT through the same path
     python evaluate.py --ckpt X.pt --vis 4                                # pictures under OUT/vis/
+    python evaluate.py --ckpt X.pt --vis-attention 2                      # TSA/SCA/decoder sampling points
     python evaluate.py --speed --model cpu-tiny [--ckpt X.pt]             # latency, FPS, params, GFLOPs
     python evaluate.py --bench                                            # params, GMACs, CPU step per preset
     python evaluate.py --bench-distill cpu [--device cuda]                # one FD3D step, part by part
@@ -40,6 +41,7 @@ import torch
 from pyquaternion import Quaternion
 
 import data
+import bevformer
 import distill
 import models
 from data import InputError
@@ -315,6 +317,178 @@ def visualise(ds, preds, out_dir, k, score_threshold=0.3):
         fig.savefig(os.path.join(out_dir, f'{n:03d}_{token}.png'), dpi=70)
         plt.close(fig)
     print(f'wrote {len(picks)} pictures to {out_dir}')
+
+
+# What TSA, SCA and the decoder look at (`--vis-attention K`), for one val sample of a BEVFormer: hooks on
+# the last encoder layer (TSA's and SCA's inputs, SCA's deformable attention) and the last decoder layer
+# record one `model.predict` call; nothing in the model changes.
+
+@torch.no_grad()
+def record_attention(model, item, state):
+    """model.predict on one dataset item (history from `state`, as `predict_split` chains it), recording
+    the last encoder layer's TSA sampling points (`TemporalSelfAttention.sampling_points`), its SCA
+    inputs (the per-camera BEV cells, `compact_cameras`) and sampling points, and the last decoder
+    layer's BEV sampling points and class logits. Returns (predict's result, record dict)."""
+    layer, dec = model.encoder.layers[-1], model.decoder.layers[-1]
+    rec = {}
+
+    def keep(name, outputs=False):
+        if outputs:
+            return lambda module, args, out: rec.__setitem__(name, out)
+        return lambda module, args: rec.__setitem__(name, args)
+
+    hooks = [layer.tsa.register_forward_pre_hook(keep('tsa')), layer.sca.register_forward_pre_hook(keep('sca')),
+             layer.sca.deformable_attention.register_forward_hook(keep('sca_out', True)),
+             dec.cross_attn.register_forward_pre_hook(keep('dec')),
+             dec.cross_attn.register_forward_hook(keep('dec_out', True)),
+             model.cls_branches[-1].register_forward_hook(keep('cls', True))]
+    try:
+        res = model.predict(item['img'], item['lidar2img'], can_bus=item['can_bus'], state=state,
+                            img_shape=item['img_shape'], scene_token=item['scene_token'])
+    finally:
+        for h in hooks:
+            h.remove()
+    x, pos, prev, cur, ref_prev, ref_cur, bev_hw = rec['tsa']
+    tsa_loc, tsa_aw = layer.tsa.sampling_points(x, pos, prev, ref_prev, ref_cur, bev_hw)   # [2, Q, M, 1, P, ..]
+    cams = rec['sca'][3]
+    return res, {'prev_bev': prev[0], 'tsa_loc': tsa_loc[0], 'tsa_aw': tsa_aw[0],          # slot 0: previous BEV
+                 'idx': cams['idx'][0], 'valid': cams['valid'][0], 'anchors': cams['ref'],   # [N, R], [N, R, Z, 2]
+                 'sca_loc': rec['sca_out'][1], 'sca_aw': rec['sca_out'][2],                 # [N, R, M, L, P, ..]
+                 'bev': rec['dec'][2][0], 'dec_loc': rec['dec_out'][1][0], 'dec_aw': rec['dec_out'][2][0],
+                 'cls': rec['cls'][0],
+                 'has_prev': model.cfg.queue_length > 1 and state is not None and state.get('bev') is not None}
+
+
+def cells_on_objects(boxes, cfg, k):
+    """Flat BEV indices q = row * W + col of the cells under the centres of up to k GT boxes [K, 9], one
+    per cell: boxes 8 to 35 m away first (whole in a camera image), nearest first."""
+    x0, y0, _, x1, y1, _ = cfg.pc_range
+    dist = boxes[:, :2].norm(dim=1)
+    order = torch.argsort(dist + 1000.0 * ((dist < 8) | (dist > 35)))
+    cells = []
+    for b in boxes[order]:
+        col = int((b[0] - x0) / (x1 - x0) * cfg.bev_w)
+        row = int((b[1] - y0) / (y1 - y0) * cfg.bev_h)
+        q = row * cfg.bev_w + col
+        if 0 <= col < cfg.bev_w and 0 <= row < cfg.bev_h and q not in cells:
+            cells.append(q)
+        if len(cells) == k:
+            break
+    return cells
+
+
+def cameras_hit(rec, q):
+    """{camera index: (its row r in the per-camera lists)} for BEV cell q (SCA's compaction)."""
+    hit = (rec['idx'] == q) & (rec['valid'] > 0)                                   # [N, R]
+    return {int(n): int(r) for n, r in zip(*torch.nonzero(hit, as_tuple=True))}
+
+
+def _metres(uv, pc_range):
+    """Normalised BEV (x, y) [..., 2] -> metres in the LIDAR_TOP frame (x, y), each [...]."""
+    x0, y0, _, x1, y1, _ = pc_range
+    return x0 + uv[..., 0] * (x1 - x0), y0 + uv[..., 1] * (y1 - y0)
+
+
+def vis_attention(model, ds, i, path, cells=4, objects=4):
+    """One PNG for sample i of `ds` (eval_dataset): TSA's sampling points in the aligned previous BEV
+    for `cells` BEV cells on GT objects (last encoder layer; the previous frame of the scene is run
+    first), the same cells' pillar anchors and SCA sampling points in every camera they hit, and the
+    decoder's sampling points of the `objects` best-scoring queries over the current BEV. Marker size
+    ~ attention weight. Returns {cell q: sorted camera indices it hits}."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    cfg = model.cfg
+    x0, y0, _, x1, y1, _ = cfg.pc_range
+    item = ds[i]
+    state = None
+    if i > 0 and ds.scene_index[i - 1] == ds.scene_index[i]:                  # the previous frame first
+        state = record_attention(model, ds[i - 1], None)[0]['state']
+    res, rec = record_attention(model, item, state)
+    colours = plt.get_cmap('tab10').colors
+    qs = cells_on_objects(item['gt_boxes'], cfg, cells)
+    fig = plt.figure(figsize=(22, 9))
+    grid = fig.add_gridspec(2, 4)
+    extent = (x0, x1, y0, y1)
+    # TSA: the aligned previous BEV (feature norm) and, per cell, its sampling points in it
+    ax = fig.add_subplot(grid[0, 0])
+    ax.imshow(rec['prev_bev'].float().norm(dim=-1).view(cfg.bev_h, cfg.bev_w).cpu(), origin='lower', cmap='gray',
+              extent=extent)
+    for g in item['gt_boxes'].float():
+        ax.add_patch(plt.Polygon(_footprint(g), fill=False, ec='lime', ls='--', lw=0.8))
+    for c, q in enumerate(qs):
+        px, py = _metres(rec['tsa_loc'][q].float().cpu(), cfg.pc_range)                         # [M, 1, P] each
+        ax.scatter(px.flatten(), py.flatten(), s=4 + 60 * rec['tsa_aw'][q].float().cpu().flatten(),
+                   color=colours[c], alpha=0.8, linewidths=0)
+        cx, cy = _metres(bevformer.bev_grid(cfg, 'cpu')[q], cfg.pc_range)
+        ax.plot(float(cx), float(cy), '*', color=colours[c], ms=12, mec='white')
+    what = ('the aligned previous BEV' if rec['has_prev'] else
+            'no previous BEV here (first frame, or a single-frame preset): the current queries')
+    ax.set_title(f'TSA (last encoder layer): cells (*) on GT objects (green) and their points in\n{what}',
+                 fontsize=9)
+    # decoder: the current BEV, the best queries' sampling points, their boxes and the GT
+    ax2 = fig.add_subplot(grid[1, 0])
+    ax2.imshow(rec['bev'].float().norm(dim=-1).view(cfg.bev_h, cfg.bev_w).cpu(), origin='lower', cmap='gray',
+               extent=extent)
+    for g in item['gt_boxes'].float():
+        ax2.add_patch(plt.Polygon(_footprint(g), fill=False, ec='lime', ls='--', lw=0.8))
+    top = rec['cls'].float().sigmoid().max(-1).values.topk(min(objects, rec['cls'].shape[0])).indices
+    for c, qi in enumerate(top.tolist()):
+        px, py = _metres(rec['dec_loc'][qi].float().cpu(), cfg.pc_range)
+        ax2.scatter(px.flatten(), py.flatten(), s=4 + 60 * rec['dec_aw'][qi].float().cpu().flatten(),
+                    color=colours[(c + 4) % 10], alpha=0.8, linewidths=0)
+    for b, s in zip(res['boxes'].float().cpu(), res['scores'].float().cpu()):
+        if s >= 0.3:
+            ax2.add_patch(plt.Polygon(_footprint(b), fill=False, ec='red', lw=0.8))
+    ax2.set_title(f'decoder (last layer): points of the {len(top)} best queries;\nboxes >= 0.3 red, GT green',
+                  fontsize=9)
+    for a in (ax, ax2):
+        a.set_xlim(x0, x1)
+        a.set_ylim(y0, y1)
+        a.set_xlabel('x (m, LIDAR_TOP)', fontsize=8)
+        a.set_ylabel('y (m)', fontsize=8)
+    # SCA: per camera, the cells' pillar anchors (x, joined) and their sampling points
+    Hp, Wp = item['img'].shape[-2:]
+    h, w = (int(v) for v in item['img_shape'])
+    scale = torch.tensor([Wp, Hp], dtype=torch.float32)                       # normalised -> pixels
+    hits = {q: sorted(cameras_hit(rec, q)) for q in qs}
+    for n, cam in enumerate(data.CAMERAS[:item['img'].shape[0]]):
+        ax = fig.add_subplot(grid[n // 3, 1 + n % 3])
+        ax.imshow(item['img'][n, :, :h, :w].permute(1, 2, 0).clamp(0, 255).byte().cpu().numpy())
+        for c, q in enumerate(qs):
+            r = cameras_hit(rec, q).get(n)
+            if r is None:
+                continue
+            anchors = rec['anchors'][n, r].float().cpu() * scale                  # [Z, 2] pixels
+            pts = rec['sca_loc'][n, r].float().cpu() * scale                      # [M, L, P, 2]
+            ax.plot(anchors[:, 0], anchors[:, 1], 'x-', color=colours[c], ms=6, lw=0.8)
+            weight = rec['sca_aw'][n, r].float().cpu().flatten()                  # [M * L * P]
+            ax.scatter(pts[..., 0].flatten(), pts[..., 1].flatten(), s=4 + 60 * weight, color=colours[c],
+                       alpha=0.8, linewidths=0)
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        ax.set_title(f'{cam}: SCA pillar anchors (x) and points of the cells it sees', fontsize=9)
+        ax.axis('off')
+    fig.suptitle(f'{cfg.name}: sample {ds.sample_tokens[i]} (marker size ~ attention weight)', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return hits
+
+
+def attention_pictures(model, ds, k, out_dir):
+    """`--vis-attention K`: K samples spread over the split, each not the first of its scene (so that TSA
+    has a previous BEV) -> OUT/vis_attention/<n>_<token>.png. BEVFormer presets only."""
+    if model.cfg.detector != 'bevformer':
+        raise InputError(f'--vis-attention: BEVFormer checkpoints only (this one is {model.cfg.detector})')
+    later = [i for i in range(len(ds)) if i > 0 and ds.scene_index[i - 1] == ds.scene_index[i]] or [0]
+    picks = sorted({later[int(j)] for j in np.linspace(0, len(later) - 1, max(1, k)).round()})
+    os.makedirs(out_dir, exist_ok=True)
+    model.eval()
+    for n, i in enumerate(picks):
+        vis_attention(model, ds, i, os.path.join(out_dir, f'{n:03d}_{ds.sample_tokens[i]}.png'))
+    print(f'wrote {len(picks)} attention pictures to {out_dir}')
+    return picks
 
 
 # FD3D pictures (`--vis-focal K`): what distill.py's Distiller distils from, drawn for one sample: the
@@ -820,6 +994,9 @@ def get_args(argv=None):
     g.add_argument('--out', help='output folder (default: <ckpt folder>/eval_<split>, or runs/oracle)')
     g.add_argument('--format-only', action='store_true', help='write the submission JSON only (test split: no GT)')
     g.add_argument('--vis', type=int, default=0, metavar='K', help='pictures of K samples under OUT/vis/')
+    g.add_argument('--vis-attention', type=int, default=0, metavar='K',
+                   help='BEVFormer: pictures of what TSA, SCA and the decoder sample for K val samples, under '
+                        'OUT/vis_attention/')
     g.add_argument('--vis-focal', type=int, default=0, metavar='K',
                    help="FD3D pictures of K samples under OUT/vis_focal/: the expert's selected queries, focal "
                         "areas and sampling points over both BEV maps (DETR3D: per camera), as distill.py's "
@@ -902,6 +1079,8 @@ def run(args):
     print(f'wrote {result_path}')
     if args.vis:
         visualise(ds, preds, os.path.join(out, 'vis'), args.vis)
+    if args.vis_attention and not args.oracle:
+        attention_pictures(model, ds, args.vis_attention, os.path.join(out, 'vis_attention'))
     if args.format_only or args.split == 'test':
         return None
     summary = score(ds.nusc, result_path, eval_set_name(ds.version, args.split), out)

@@ -572,3 +572,22 @@ def test_evaluate_loads_the_split_as_the_checkpoints_preset_does(world, tmp_path
         a = sorted((d['detection_name'], d['translation']) for d in got[token])
         b = sorted((d['detection_name'], d['translation']) for d in want[token])
         assert len(a) == len(b) and all(x[0] == y[0] and np.allclose(x[1], y[1], atol=1e-4) for x, y in zip(a, b))
+
+
+def test_attention_picture_cameras_agree_with_the_projection(world, tmp_path):
+    import bevformer
+    ckpt = os.path.join(ROOT, 'tests', 'data', 'bevformer_bf44445.pt')      # temporal (queue 2), tiny
+    model, cfg, _ = models.model_from_checkpoint(ckpt)
+    model.eval()
+    ds = evaluate.eval_dataset(world, 'v1.0-mini', 'val', cfg)
+    path = str(tmp_path / 'a.png')
+    hits = evaluate.vis_attention(model, ds, 2, path)
+    assert os.path.getsize(path) > 10_000 and len(hits) > 0
+    _, rec = evaluate.record_attention(model, ds[2], evaluate.record_attention(model, ds[1], None)[0]['state'])
+    assert rec['has_prev']                                                   # TSA saw the previous BEV
+    item = ds[2]
+    img, l2i = item['img'][None].float(), item['lidar2img'][None].float()
+    uv, mask = bevformer.project_points(bevformer.pillar_points(cfg, 'cpu'), l2i, img.shape[-2:])  # [N, 1, Q, Z]
+    for q, cams in hits.items():
+        assert cams == [n for n in range(mask.shape[0]) if bool(mask[n, 0, q].any())]
+    assert any(hits.values())                                                # some cell is seen by a camera
