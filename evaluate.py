@@ -6,6 +6,7 @@
     python evaluate.py --ckpt X.pt --vis-attention 2                      # TSA/SCA/decoder sampling points
     python evaluate.py --speed --model cpu-tiny [--ckpt X.pt]             # latency, FPS, params, GFLOPs
     python evaluate.py --bench                                            # params, GMACs, CPU step per preset
+    python evaluate.py --profile-step cpu-tiny [--set queue_length=2]     # one CPU step, part by part
     python evaluate.py --bench-distill cpu [--device cuda]                # one FD3D step, part by part
     python evaluate.py --ckpt A.pt --vis-focal 4 [--teacher E.pt]         # FD3D focal areas under OUT/vis_focal/
     python evaluate.py --ckpt X.pt --dataroot /data/nuscenes --version v1.0-test --split test --format-only
@@ -788,6 +789,119 @@ def train_step_time(cfg, iters=3, threads=2, seed=0):
     return tuple(float(v) for v in np.median(np.array(times[1:]), 0))
 
 
+def profile_step(cfg, iters=3, threads=2, seed=0):
+    """Where one CPU training step of a BEVFormer preset goes (batch 1 with its own history frames, as
+    `train_step_time`): median seconds over `iters` steps (after one warm-up) of each part's forward and
+    backward, the history frames (no gradient), the pillar projection and per-camera compaction, the
+    matcher, the whole loss, the whole backward and the optimiser step. Forward parts are timed by module
+    hooks (current frame only; the history frames are one row); a part's backward runs from the moment
+    the gradient of its output arrives to the moment the gradient of its input is complete (tensor hooks;
+    the backbone's input needs none: it ends with the backward). Parts nest and the residual paths are
+    counted in both neighbours, so the rows do not add up to the step. Returns {row: seconds}."""
+    import contextlib
+    from unittest import mock
+
+    import bevformer
+    if cfg.detector != 'bevformer':
+        raise InputError(f'--profile-step: BEVFormer presets only ({cfg.name} is {cfg.detector})')
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = models.build_model(cfg).train()
+    batch = example_batch(cfg, batch_size=1, history=True, seed=seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    parts = {'backbone': model.backbone, 'FPN': model.neck}
+    for i, layer in enumerate(model.encoder.layers):
+        parts.update({f'encoder {i}: TSA': layer.tsa, f'encoder {i}: SCA': layer.sca, f'encoder {i}: FFN': layer.ffn})
+    for i, layer in enumerate(model.decoder.layers):
+        parts[f'decoder {i}'] = layer
+    step, start, state = {}, {}, {'history': False}
+
+    def add(row, seconds):
+        step[row] = step.get(row, 0.0) + seconds
+
+    def first_tensor(xs):   # the first tensor that needs a gradient in an argument or output (lists nested)
+        if torch.is_tensor(xs):
+            return xs if xs.requires_grad else None
+        for x in (xs if isinstance(xs, (tuple, list)) else ()):
+            found = first_tensor(x)
+            if found is not None:
+                return found
+        return None
+
+    def pre(name):
+        def hook(module, args):
+            if state['history']:
+                return
+            start[name] = time.perf_counter()
+            x = first_tensor(args)
+            if x is not None:      # its gradient is complete: this part's backward has ended
+                x.register_hook(lambda g: add(f'{name} backward', time.perf_counter() - start.pop(name + ' bw')))
+        return hook
+
+    def post(name):
+        def hook(module, args, out):
+            if state['history']:
+                return
+            add(f'{name} forward', time.perf_counter() - start[name])
+            y = first_tensor(out)
+            if y is not None:      # the gradient of its output arrives: this part's backward starts
+                y.register_hook(lambda g: start.__setitem__(name + ' bw', time.perf_counter()))
+        return hook
+
+    def timed(row, fn, current_only=False):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            if not (current_only and state['history']):
+                add(row, time.perf_counter() - t)
+            return out
+        return wrapper
+
+    def history(b):
+        state['history'] = True
+        try:
+            return plain_history(b)
+        finally:
+            state['history'] = False
+
+    plain_history = model.history_bev
+    model.history_bev = timed('history frames (no gradient, eval mode)', history)   # this instance only
+    hooks = [m.register_forward_pre_hook(pre(n)) for n, m in parts.items()] + \
+            [m.register_forward_hook(post(n)) for n, m in parts.items()]
+    rows = []
+    patches = [mock.patch.object(bevformer, 'project_points',
+                                 timed('pillar projection', bevformer.project_points, True)),
+               mock.patch.object(bevformer, 'compact_cameras',
+                                 timed('per-camera compaction', bevformer.compact_cameras, True)),
+               mock.patch.object(bevformer, 'hungarian_match_batch', timed('matcher', bevformer.hungarian_match_batch))]
+    try:
+        with contextlib.ExitStack() as stack:
+            for p in patches:
+                stack.enter_context(p)
+            for _ in range(iters + 1):                                   # the first one warms up
+                step.clear()
+                t0 = time.perf_counter()
+                out = model(batch)
+                add('forward (all)', time.perf_counter() - t0)
+                loss = sum(timed('loss (matcher included)', model.loss)(out, batch).values())
+                opt.zero_grad()
+                t = time.perf_counter()
+                loss.backward()
+                add('backward (all)', time.perf_counter() - t)
+                if 'backbone bw' in start:                               # its input needs no gradient
+                    add('backbone backward', time.perf_counter() - start.pop('backbone bw'))
+                t = time.perf_counter()
+                opt.step()
+                add('optimiser step', time.perf_counter() - t)
+                add('step (all)', time.perf_counter() - t0)
+                rows.append(dict(step))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.history_bev = plain_history
+    return {k: float(np.median([r.get(k, 0.0) for r in rows[1:]])) for k in rows[-1]}
+
+
 def bench(presets, step_presets, iters=3, threads=2):
     """Print parameters and multiply-adds of one frame for `presets`, and the CPU training step of
     `step_presets` (names of either detector)."""
@@ -1015,6 +1129,8 @@ def get_args(argv=None):
                    help='time breakdown of one FD3D training step of an expert -> apprentice pair, random '
                         'weights, batch 1 (no data, no checkpoint; --device, --iters, --threads): ' +
                         ', '.join(f'{k} = {e} -> {a}' for k, (e, a) in DISTILL_PAIRS.items()))
+    g.add_argument('--profile-step', metavar='PRESET', help='BEVFormer: forward and backward time of each part of '
+                   'one CPU training step of PRESET (with --iters, --threads; --set applies)')
     g.add_argument('--iters', type=int, default=3, help='with --bench or --bench-distill: timed steps per preset '
                    '(after 1 warm-up)')
     g.add_argument('--threads', type=int, default=2, help='with --bench or --bench-distill: torch CPU threads')
@@ -1036,7 +1152,22 @@ def pick_device(name):
     return device
 
 
+def print_profile(cfg, iters, threads):
+    """`--profile-step`: `profile_step`'s rows with the protocol (machine load stated: shared cores inflate
+    every row)."""
+    rows = profile_step(cfg, iters, threads)
+    print(f'# {cfg.name} (queue {cfg.queue_length}): one training step, batch 1 with its history frames, '
+          f'{threads} threads, median of {iters} after 1 warm-up; load average {os.getloadavg()[0]:.1f} on '
+          f'{os.cpu_count()} CPUs; torch {torch.__version__}')
+    for row, seconds in rows.items():
+        print(f'{row:<42} {seconds * 1000:9.1f} ms')
+    return rows
+
+
 def run(args):
+    if args.profile_step:
+        return print_profile(models.apply_overrides(models.preset_config(args.profile_step, '--profile-step'),
+                                                    args.set), args.iters, args.threads)
     if args.bench_distill:
         torch.set_num_threads(args.threads)
         return distill_bench(args.bench_distill, pick_device(args.device), args.iters)

@@ -78,3 +78,20 @@ def test_cost_benchmark_prints_params_and_step_time(capsys):
         assert f'{params:.2f}' in row.split()                     # the parameter count it states is right
     step = next(line for line in out.splitlines() if line.startswith('cpu-tiny') and 's/iter' in line)
     assert float(step.split('queue 1:')[1].split()[0]) > 0
+
+
+def test_step_profile_has_every_part_and_they_fit_in_the_step():
+    import dataclasses
+
+    import evaluate
+    import models
+    cfg = dataclasses.replace(models.preset_config('cpu-tiny'), queue_length=2, bev_h=20, bev_w=20, num_query=50)
+    rows = evaluate.profile_step(cfg, iters=1, threads=1)
+    parts = ['backbone', 'FPN', 'encoder 0: TSA', 'encoder 0: SCA', 'encoder 0: FFN', 'decoder 0']
+    for p in parts:
+        assert rows[f'{p} forward'] > 0 and rows[f'{p} backward'] > 0, p
+    for r in ('history frames (no gradient, eval mode)', 'pillar projection', 'per-camera compaction', 'matcher',
+              'optimiser step'):
+        assert rows[r] > 0, r
+    assert sum(rows[f'{p} forward'] for p in parts) < rows['forward (all)']   # the current frame's parts
+    assert rows['forward (all)'] + rows['backward (all)'] < rows['step (all)']
