@@ -452,12 +452,12 @@ def vis_attention(model, ds, i, path, cells=4, objects=4):
     Hp, Wp = item['img'].shape[-2:]
     h, w = (int(v) for v in item['img_shape'])
     scale = torch.tensor([Wp, Hp], dtype=torch.float32)                       # normalised -> pixels
-    hits = {q: sorted(cameras_hit(rec, q)) for q in qs}
+    rows = {q: cameras_hit(rec, q) for q in qs}                              # cell -> {camera: row r}
     for n, cam in enumerate(data.CAMERAS[:item['img'].shape[0]]):
         ax = fig.add_subplot(grid[n // 3, 1 + n % 3])
         ax.imshow(item['img'][n, :, :h, :w].permute(1, 2, 0).clamp(0, 255).byte().cpu().numpy())
         for c, q in enumerate(qs):
-            r = cameras_hit(rec, q).get(n)
+            r = rows[q].get(n)
             if r is None:
                 continue
             anchors = rec['anchors'][n, r].float().cpu() * scale                  # [Z, 2] pixels
@@ -474,7 +474,7 @@ def vis_attention(model, ds, i, path, cells=4, objects=4):
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    return hits
+    return {q: sorted(cams) for q, cams in rows.items()}
 
 
 def attention_pictures(model, ds, k, out_dir):
@@ -530,7 +530,7 @@ def vis_focal(distiller, batch, path):
     last = out_e['dec'][-1]
     loc = last['loc'][0, sel[0]].cpu()  # [K, M, 1, P, 2] normalised (x, y)
     attn = last['attn'][0, sel[0]].cpu()  # [K, M, 1, P]
-    px, py = pc[0] + loc[..., 0] * (pc[3] - pc[0]), pc[1] + loc[..., 1] * (pc[4] - pc[1])
+    px, py = _metres(loc, pc)
     fig, axes = plt.subplots(1, 2, figsize=(13, 6.5))
     for ax, name, bev in [(axes[0], f'expert {d.expert.cfg.name}', out_e['bev'][0]),
                           (axes[1], f'apprentice {d.apprentice.cfg.name}', out_a['bev'][0])]:
