@@ -59,15 +59,17 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
                          f"{sizes} cover {sum(h * w for h, w in sizes)}")
     dtype = value.dtype
     # grid_sample's coordinates: -1 and 1 are the outer edges (align_corners=False), as ours 0 and 1.
-    grid = (2 * sampling_locations.to(dtype) - 1).transpose(1, 2).flatten(0, 1)  # [B*M, Q, L, P, 2]
-    weights = attention_weights.to(dtype).transpose(1, 2).flatten(0, 1)         # [B*M, Q, L, P]
+    # Level-major, so that each level's slice is contiguous: the weighting below then runs over one
+    # contiguous Q*P block per (b, m) instead of rows of P (several times faster on the CPU).
+    grid = (2 * sampling_locations.to(dtype) - 1).permute(0, 2, 3, 1, 4, 5).reshape(B * M, L, Q, P, 2)
+    weights = attention_weights.to(dtype).permute(0, 2, 3, 1, 4).reshape(B * M, L, Q, P)
     out = None
     for l, v in enumerate(value.split([h * w for h, w in sizes], dim=1)):     # v [B, H*W, M, D]
         h, w = sizes[l]
         v = v.flatten(2).transpose(1, 2).reshape(B * M, D, h, w)               # [B*M, D, H, W]
-        sampled = F.grid_sample(v, grid[:, :, l], mode="bilinear", padding_mode="zeros",
+        sampled = F.grid_sample(v, grid[:, l], mode="bilinear", padding_mode="zeros",
                                 align_corners=False)                           # [B*M, D, Q, P]
-        level_out = (sampled * weights[:, None, :, l]).sum(-1)                  # [B*M, D, Q]
+        level_out = (sampled * weights[:, None, l]).sum(-1)                     # [B*M, D, Q]
         out = level_out if out is None else out + level_out
     return out.view(B, M * D, Q).transpose(1, 2).contiguous()                   # [B, Q, M*D]
 
