@@ -73,7 +73,7 @@ class ModulatedDeformConv2d(nn.Module):
         B, C, H, W = x.shape
         out = self.conv_offset(x)                                   # [B, 27, Ho, Wo]
         Ho, Wo = out.shape[-2:]
-        offset = out[:, :18].view(B, 9, 2, Ho, Wo)                  # [B, 9, 2, Ho, Wo] (dy, dx) per tap
+        offset = out[:, :18].reshape(B, 9, 2, Ho, Wo)               # [B, 9, 2, Ho, Wo] (dy, dx) per tap
         mask = out[:, 18:].sigmoid()                                # [B, 9, Ho, Wo]
 
         # sampling positions in input pixels: p = p0 + p_k + offset_k, with p0 = out_index * stride - 1
@@ -86,7 +86,7 @@ class ModulatedDeformConv2d(nn.Module):
         grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], dim=-1)   # [B, 9, Ho, Wo, 2]
         sampled = F.grid_sample(x, grid.view(B, 9 * Ho, Wo, 2), mode='bilinear',   # [B, 9*Ho, Wo, 2]
                                 padding_mode='zeros', align_corners=False)      # [B, C, 9*Ho, Wo]
-        sampled = sampled.view(B, C, 9, Ho, Wo) * mask[:, None]                # [B, C, 9, Ho, Wo] modulated
+        sampled = sampled.reshape(B, C, 9, Ho, Wo) * mask[:, None]             # [B, C, 9, Ho, Wo] modulated
         # the 3x3 convolution becomes one matmul over (C, tap): weight [O, C*9] @ [B, C*9, Ho*Wo]
         out = self.weight.flatten(1) @ sampled.reshape(B, C * 9, Ho * Wo)       # [B, O, Ho*Wo]
         return out.view(B, -1, Ho, Wo)                                          # [B, O, Ho, Wo]
@@ -392,4 +392,6 @@ def build_image_backbone(cfg):
                       frozen_stages=cfg.frozen_stages, dcn_stages=dcn, base_width=cfg.backbone_width,
                       with_cp=cfg.with_cp, norm_eval=cfg.backbone_norm_eval, bn_frozen=cfg.backbone_bn_frozen)
     neck = FPN(backbone.out_channels, cfg.embed_dims, num_outs=cfg.fpn_levels, add_extra_on_output=True)
+    if cfg.channels_last:                  # convolution weights in NHWC order too (the input: extract_feats)
+        backbone, neck = backbone.to(memory_format=torch.channels_last), neck.to(memory_format=torch.channels_last)
     return backbone, neck, GridMask(prob=cfg.grid_mask_prob)

@@ -654,6 +654,9 @@ class DetectorConfig:
     backbone_norm_eval: bool = True   # BatchNorm on running statistics (official, pretrained)
     backbone_bn_frozen: bool = True   # BatchNorm affine not trained (official, pretrained)
     with_cp: bool = False          # gradient checkpointing in the backbone (official Small)
+    # NHWC memory layout for the image CNN: the same numbers, faster CPU (oneDNN) convolutions
+    # (backbone and FPN 15-20 % faster on the 2-core CPU, docs/benchmarks.md)
+    channels_last: bool = True
     fpn_levels: int = 1            # FPN outputs L (extra stride-2 levels when > len(backbone_out))
     grid_mask: bool = True
     grid_mask_prob: float = 0.7
@@ -773,6 +776,8 @@ class BEVFormer(nn.Module):
         x = normalize_images(img.to(dtype), img_shape, self.cfg.normalisation).flatten(0, 1)   # [B*N, 3, Hp, Wp]
         if self.cfg.grid_mask:
             x = self.grid_mask(x)                              # training mode only
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)   # NHWC strides, same shape
         feats = self.neck(self.backbone(x))
         return [f.view(B, N, *f.shape[1:]) for f in feats]                # [B*N, C, h, w] -> [B, N, C, h, w]
 
