@@ -26,6 +26,29 @@ CAN_BUS_FALLBACK = ('zeros', 'poses')
 HISTORY_DRAW = ('random', 'previous')
 
 
+def keep_freed_memory():
+    """Let glibc keep freed memory for reuse instead of handing large blocks back to the system.
+
+    By default glibc serves big allocations with mmap and unmaps them when freed, so every large
+    temporary of a CPU training step (spatial cross-attention's sampled values are ~16 MB each) comes
+    back as fresh pages that the kernel must fault in and zero: ~9 % of a cpu-tiny step on the 2-core
+    machine (docs/benchmarks.md). Raising the mmap and trim thresholds to 1 GiB keeps such blocks in the
+    heap (what PyTorch's CPU tuning guide gets from jemalloc or tcmalloc). The numbers do not change.
+    Linux with glibc only; elsewhere nothing happens. Returns True when the setting was made."""
+    import ctypes
+    import ctypes.util
+    import sys
+    if not sys.platform.startswith('linux'):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):        # musl and others: no mallopt
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3    # glibc's <malloc.h>
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def resize_images(img, size, antialias):
     """img float [..., 3, H, W] -> [..., 3, h, w] at size = (W, H): bilinear with half-pixel centres
     (pixel i at i + 0.5). antialias=False is mmcv's `imresize` (cv2 INTER_LINEAR) that the official

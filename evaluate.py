@@ -45,6 +45,7 @@ import data
 import bevformer
 import distill
 import models
+from common import keep_freed_memory
 from data import InputError
 
 # ------------------------------------------------------------------------------------------------
@@ -769,24 +770,75 @@ def count_flops(model, batch):
     return {'gmacs': gmacs, 'gflops': 2 * gmacs, 'msda_gmacs': msda_macs[0] / 1e9, 'dcn_gmacs': dcn_macs[0] / 1e9}
 
 
-def train_step_time(cfg, iters=3, threads=2, seed=0):
-    """Median (wall, CPU) seconds of one training iteration on the CPU: batch 1 with the preset's own
-    queue_length - 1 history frames, forward + loss + backward + AdamW step. The CPU time (all threads)
-    bounds an idle machine's wall time from above and barely moves when other processes share the cores."""
-    torch.set_num_threads(threads)
+def _train_step(model, batch, opt):
+    """One training iteration as train.py runs it: forward, loss, backward, AdamW step."""
+    loss = sum(model.loss(model(batch), batch).values())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def step_setup(cfg, seed=0, lib=None):
+    """(model, batch, optimiser) of a CPU training step of `cfg` on batch 1 with its own queue_length - 1
+    history frames. `lib` = (models, evaluate) modules of another checkout (`import_checkout`): the
+    model, batch and optimiser are then that code's."""
+    mods, ev = lib or (models, sys.modules[__name__])
     torch.manual_seed(seed)
-    model = models.build_model(cfg).train()
-    batch = example_batch(cfg, batch_size=1, history=True, seed=seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    times = []
-    for _ in range(iters + 1):                                   # the first one warms up
-        t, c = time.perf_counter(), time.process_time()
-        loss = sum(model.loss(model(batch), batch).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append((time.perf_counter() - t, time.process_time() - c))
-    return tuple(float(v) for v in np.median(np.array(times[1:]), 0))
+    model = mods.build_model(cfg).train()
+    batch = ev.example_batch(cfg, batch_size=1, history=True, seed=seed)
+    fused = lib is None            # as train.py now; an older checkout's train.py used the plain AdamW
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=fused)
+    return model, batch, opt
+
+
+def train_step_times(setups, iters=3, threads=2):
+    """Median (wall, CPU) seconds of one training iteration for each of `setups` (`step_setup` results),
+    run in turn step by step (A B C A B C ...) so that a drift of the machine's speed reaches every row
+    alike. The CPU time (all threads) bounds an idle machine's wall time from above and barely moves
+    when other processes share the cores."""
+    torch.set_num_threads(threads)
+    times = [[] for _ in setups]
+    for i in range(iters + 1):                                   # the first round warms up
+        for k, (model, batch, opt) in enumerate(setups):
+            t, c = time.perf_counter(), time.process_time()
+            _train_step(model, batch, opt)
+            if i:
+                times[k].append((time.perf_counter() - t, time.process_time() - c))
+    return [tuple(float(v) for v in np.median(np.array(ts), 0)) for ts in times]
+
+
+def train_step_time(cfg, iters=3, threads=2, seed=0):
+    """Median (wall, CPU) seconds of one training iteration of `cfg` (see `train_step_times`)."""
+    return train_step_times([step_setup(cfg, seed)], iters, threads)[0]
+
+
+PROJECT_MODULES = ('common', 'backbone', 'ops', 'bevformer', 'detr3d', 'models', 'distill', 'synthetic',
+                   'data', 'evaluate', 'train', 'table')
+
+
+def import_checkout(root):
+    """(models, evaluate) of another checkout of this project (e.g. `git worktree add /tmp/old <commit>`),
+    imported beside ours under the same names: ours are set aside while its files import, then put back.
+    For `--bench --before`: both codes' steps in one process, in turn."""
+    if not os.path.isfile(os.path.join(root, 'bevformer.py')):
+        raise InputError(f"--before '{root}': not a checkout of this project (no bevformer.py)")
+
+    def ours(name):
+        return name.split('.')[0] in PROJECT_MODULES
+
+    saved = {n: m for n, m in sys.modules.items() if ours(n)}
+    for n in saved:
+        del sys.modules[n]
+    sys.path.insert(0, os.path.abspath(root))
+    try:
+        import importlib
+        lib = importlib.import_module('models'), importlib.import_module('evaluate')
+    finally:
+        sys.path.remove(os.path.abspath(root))
+        for n in [n for n in sys.modules if ours(n)]:
+            del sys.modules[n]
+        sys.modules.update(saved)
+    return lib
 
 
 def profile_step(cfg, iters=3, threads=2, seed=0):
@@ -808,7 +860,7 @@ def profile_step(cfg, iters=3, threads=2, seed=0):
     torch.manual_seed(seed)
     model = models.build_model(cfg).train()
     batch = example_batch(cfg, batch_size=1, history=True, seed=seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)   # as train.py
     parts = {'backbone': model.backbone, 'FPN': model.neck}
     for i, layer in enumerate(model.encoder.layers):
         parts.update({f'encoder {i}: TSA': layer.tsa, f'encoder {i}: SCA': layer.sca, f'encoder {i}: FFN': layer.ffn})
@@ -902,10 +954,8 @@ def profile_step(cfg, iters=3, threads=2, seed=0):
     return {k: float(np.median([r.get(k, 0.0) for r in rows[1:]])) for k in rows[-1]}
 
 
-def bench(presets, step_presets, iters=3, threads=2):
-    """Print parameters and multiply-adds of one frame for `presets`, and the CPU training step of
-    `step_presets` (names of either detector)."""
-    torch.set_num_threads(threads)
+def frame_costs(presets, threads):
+    """Print parameters and multiply-adds of one frame for `presets`."""
     print(f'# params and cost of one frame (batch 1, 6 cameras, eval forward, no history); torch {torch.__version__}, '
           f'{threads} threads')
     print('# GMACs = matmul/conv multiply-adds (FlopCounterMode FLOPs / 2) + deformable-attention MACs counted '
@@ -925,12 +975,29 @@ def bench(presets, step_presets, iters=3, threads=2):
               f'{cost["gmacs"]:>9.2f} {cost["gmacs"] - cost["dcn_gmacs"]:>9.2f} {cost["msda_gmacs"]:>11.2f} '
               f'{PAPER_GFLOPS.get(name, "-"):>8}', flush=True)
         del model
+
+
+def bench(presets, step_presets, iters=3, threads=2, before=None):
+    """Print parameters and multiply-adds of one frame for `presets`, and the CPU training step of
+    `step_presets` (names of either detector)."""
+    torch.set_num_threads(threads)
+    if presets:
+        frame_costs(presets, threads)
+    if not step_presets:
+        return
+    rows = [('', name, models.preset_config(name, '--steps'), None) for name in step_presets]
+    if before:
+        lib = import_checkout(before)
+        known = [n for n in step_presets if any(n in m.PRESETS for m in lib[0].DETECTORS.values())]
+        rows = [('before ', n, lib[0].preset_config(n), lib) for n in known] + rows
     print(f'# CPU training step (batch 1 with its own history frames, forward+loss+backward+AdamW, '
-          f'{threads} threads, median of {iters} after 1 warm-up)')
-    for name in step_presets:
-        cfg = models.preset_config(name, '--steps')
-        wall, cpu = train_step_time(cfg, iters, threads)
-        print(f'{name:<16} queue {cfg.queue_length}: {wall:.2f} s/iter wall, {cpu:.2f} s CPU', flush=True)
+          f'{threads} threads, median of {iters} after 1 warm-up; the rows run in turn step by step)'
+          + (f"\n# 'before': the code of {before} (its plain AdamW; the allocator setting is this "
+             f'process\'s for both)' if before else ''))
+    setups = [step_setup(cfg, lib=lib) for _, _, cfg, lib in rows]
+    for (tag, name, cfg, _), (wall, cpu) in zip(rows, train_step_times(setups, iters, threads)):
+        print(f'{tag + name:<23} queue {cfg.queue_length}: {wall * 1000:6.0f} ms/iter wall, {cpu * 1000:6.0f} ms CPU',
+              flush=True)
 
 
 # FD3D training step, part by part (`python evaluate.py --bench-distill PAIR`): expert -> apprentice presets
@@ -1123,8 +1190,11 @@ def get_args(argv=None):
                    'time of --steps (no data, no checkpoint)')
     g.add_argument('--presets', default='tiny,small,base,fd3d-tiny,fd3d-small,base-r101,cpu-tiny,cpu-base,'
                    'detr3d-r101,detr3d-r50,detr3d-cpu-tiny,detr3d-cpu-base', help='with --bench: the cost table')
-    g.add_argument('--steps', default='cpu-tiny,cpu-base,detr3d-cpu-tiny,detr3d-cpu-base',
-                   help='with --bench: presets whose CPU training step is timed')
+    g.add_argument('--steps', default='cpu-tiny,cpu-tiny-temporal,cpu-base,detr3d-cpu-tiny,detr3d-cpu-base',
+                   help='with --bench: presets whose CPU training step is timed (the single-frame cpu-tiny beside '
+                   'cpu-tiny-temporal)')
+    g.add_argument('--before', metavar='DIR', help='with --bench: also time the --steps presets of another '
+                   'checkout of this project (e.g. `git worktree add /tmp/old HEAD~3`), in turn with ours')
     g.add_argument('--bench-distill', metavar='PAIR', choices=sorted(DISTILL_PAIRS),
                    help='time breakdown of one FD3D training step of an expert -> apprentice pair, random '
                         'weights, batch 1 (no data, no checkpoint; --device, --iters, --threads): ' +
@@ -1178,7 +1248,7 @@ def run(args):
             models.preset_config(n, '--presets')
         for n in steps:
             models.preset_config(n, '--steps')
-        return bench(names, steps, args.iters, args.threads)
+        return bench(names, steps, args.iters, args.threads, args.before)
     device = pick_device(args.device)
     if args.set and not (args.model and not args.ckpt):
         raise InputError('--set applies to --model only (a checkpoint rebuilds the config it stored)')
@@ -1230,6 +1300,7 @@ def one_line(error):
 
 def main(argv=None):
     args = get_args(argv)
+    keep_freed_memory()                 # as train.py, so that the benchmarks time what a run does
     try:
         run(args)
     except InputError as e:
