@@ -126,8 +126,9 @@ def make_parser():
     g.add_argument('--backbone-lr-mult', type=float, default=None,
                    help='lr multiplier of the backbone; default 0.1 with --backbone-weights (official, for a '
                         'pretrained ResNet), 1.0 without (a ResNet trained from scratch)')
-    g.add_argument('--points-lr-mult', type=float, default=1.0,
-                   help='lr multiple of the reference-point and sampling-offset layers (Deformable DETR: 0.1)')
+    g.add_argument('--points-lr-mult', type=float, default=0.1,
+                   help='lr multiple of the reference-point and sampling-offset layers (Deformable DETR\'s 0.1; '
+                        'docs/experiments.md "A steadier recipe")')
     g.add_argument('--weight-decay', type=float, default=0.01, help='AdamW weight decay')
     g.add_argument('--grad-clip', type=float, default=35.0, help='max L2 norm of all gradients')
     g.add_argument('--seed', type=int, default=0, help='seeds the weights, the data order and every augmentation')
