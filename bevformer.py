@@ -655,7 +655,7 @@ class DetectorConfig:
     backbone_bn_frozen: bool = True   # BatchNorm affine not trained (official, pretrained)
     with_cp: bool = False          # gradient checkpointing in the backbone (official Small)
     # NHWC memory layout for the image CNN: the same numbers, faster CPU (oneDNN) convolutions
-    # (backbone and FPN 15-20 % faster on the 2-core CPU, docs/benchmarks.md)
+    # (backbone + FPN 11-25 % faster on the 2-core CPU, a whole step ~4 %; docs/benchmarks.md)
     channels_last: bool = True
     fpn_levels: int = 1            # FPN outputs L (extra stride-2 levels when > len(backbone_out))
     grid_mask: bool = True

@@ -502,7 +502,7 @@ def make_optimizer(args, model, trained, use_amp):
     params = [p for p in trained.parameters() if p.requires_grad]
     rest = [p for p in params if id(p) not in backbone_ids]
     groups = [{'params': [p for p in params if id(p) in backbone_ids], 'lr_mult': backbone_lr_mult}]
-    if args.points_lr_mult == 1.0:     # two groups, as before the flag existed (resume keeps its order)
+    if args.points_lr_mult == 1.0 or not point_ids:   # two groups, as before the flag (resume keeps the order)
         groups.append({'params': rest, 'lr_mult': 1.0})
     else:
         groups += [{'params': [p for p in rest if id(p) not in point_ids], 'lr_mult': 1.0},
@@ -702,7 +702,7 @@ def train_step(run, batch, it, lr, ctrl_c):
 
 def diagnostics(model):
     """Per-part gradient norms and BatchNorm statistics for log.jsonl: where a rising loss or a gradient
-    spike comes from (docs/experiments.md, "A steady recipe"). gn_<part>: L2 norm of the gradients (after
+    spike comes from (docs/experiments.md, "A steadier recipe"). gn_<part>: L2 norm of the gradients (after
     clipping; grad_norm is the total before) of each top-level part of the detector (backbone, neck,
     encoder, decoder, cls_branches, reg_branches, reference_points, query_embedding, ...);
     bn_mean_max / bn_var_max: the largest |running mean| and running variance over the backbone's
