@@ -161,7 +161,8 @@ def test_backbone_weights_are_loaded(world, tmp_path):
     assert run_train(['--dataroot', world, '--iters', '1', '--lr', '0', '--no-eval', '--workers', '0',
                       '--backbone-weights', path, '--out', out] + SMALLER) == 0
     ckpt = torch.load(os.path.join(out, 'last.pt'), weights_only=True)
-    assert [g['lr_mult'] for g in ckpt['optimizer']['param_groups']] == [0.1, 1.0]   # pretrained: 0.1x
+    # pretrained backbone 0.1x, the rest 1x, the point layers 0.1x (--points-lr-mult)
+    assert [g['lr_mult'] for g in ckpt['optimizer']['param_groups']] == [0.1, 1.0, 0.1]
     got = ckpt['model']
     convs = [k for k in got if k.startswith('backbone.') and 'conv' in k and k.endswith('weight')]
     assert convs and all(torch.equal(got[k], donor.state_dict()[k]) for k in convs)
