@@ -857,10 +857,7 @@ def profile_step(cfg, iters=3, threads=2, seed=0):
     if cfg.detector != 'bevformer':
         raise InputError(f'--profile-step: BEVFormer presets only ({cfg.name} is {cfg.detector})')
     torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    model = models.build_model(cfg).train()
-    batch = example_batch(cfg, batch_size=1, history=True, seed=seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)   # as train.py
+    model, batch, opt = step_setup(cfg, seed)
     parts = {'backbone': model.backbone, 'FPN': model.neck}
     for i, layer in enumerate(model.encoder.layers):
         parts.update({f'encoder {i}: TSA': layer.tsa, f'encoder {i}: SCA': layer.sca, f'encoder {i}: FFN': layer.ffn})
