@@ -717,8 +717,12 @@ class BEVFormerConfig(DetectorConfig):
     queue_length: int = 3          # frames per training sample (1 = no history)
     # training history: 'random' = BEVFormer's T-1 of the previous T frames; 'previous' = the T-1 frames
     # just before, as at test time (with T = 2 the random draw makes the gap 0.5 s or 1 s at random;
-    # on the synthetic world 'previous' nevertheless scored lower: docs/experiments.md)
+    # on the synthetic world 'previous' nevertheless scored lower: docs/experiments.md); 'stream' (ours,
+    # not the paper's) = no history frame is run: train.py walks `stream_lanes` scenes frame by frame in
+    # turn and hands each frame the BEV its scene's previous frame got, without gradient, as the test-time
+    # chain does (docs/official-differences.md). With queue_length 1 (single frame) none applies.
     history_draw: str = 'random'
+    stream_lanes: int = 32         # history_draw 'stream': scenes in flight per batch slot, in turn (4 trained worse)
     # BEV encoder and the decoder's BEV cross-attention
     bev_h: int = 50
     bev_w: int = 50
@@ -737,6 +741,7 @@ class BEVFormerConfig(DetectorConfig):
             (self.detector == 'bevformer', f"detector must be 'bevformer', got {self.detector!r}"),
             (self.sca_points % self.num_z == 0, 'sca_points must be a multiple of num_z'),
             (self.history_draw in HISTORY_DRAW, f"history_draw must be one of {', '.join(HISTORY_DRAW)}"),
+            (self.stream_lanes >= 1, f'stream_lanes must be >= 1, got {self.stream_lanes}'),
         ]
 
 # ---------------------------------------------------------------------------------------------
@@ -883,10 +888,15 @@ class BEVFormer(nn.Module):
                 (cx, cy, log w, log l, cz, log h, sin yaw, cos yaw, vx, vy; metres, our yaw);
                 loc [B, Q, M, 1, P, 2] the BEV cross-attention's sampling locations (normalised x, y);
                 attn [B, Q, M, 1, P] its attention weights (softmaxed); value_proj its nn.Linear.
-        History frames (batch['history'], batch['history_valid']) run first without gradients."""
+        History frames (batch['history'], batch['history_valid']) run first without gradients; a batch
+        that carries its previous BEV instead (history_draw 'stream': prev_bev [B, Q, C], prev_can_bus
+        [B, 18] absolute, has_prev [B] bool; train.py `BEVStream`) runs none."""
         img = batch['img']
         B, dev = img.shape[0], img.device
-        prev_bev, prev_can, has_prev = self.history_bev(batch)
+        if 'prev_bev' in batch:
+            prev_bev, prev_can, has_prev = batch['prev_bev'], batch['prev_can_bus'], batch['has_prev']
+        else:
+            prev_bev, prev_can, has_prev = self.history_bev(batch)
         can = _can_bus(batch, B, dev, prev_can.dtype)
         delta = can_bus_delta(can, prev_can, has_prev, wrap_angle=not self.cfg.official_quirks)
         bev, fpn = self.frame_bev(img, _img_shape(batch, B, dev), batch['lidar2img'], delta, prev_bev, has_prev)
@@ -1067,7 +1077,7 @@ _OFFICIAL = dict(embed_dims=256, ffn_dims=512, num_heads=8, enc_layers=3, dec_la
 FROM_SCRATCH = dict(frozen_stages=-1, backbone_norm_eval=False, backbone_bn_frozen=False)
 
 
-# the default model's architecture (cpu-tiny and its temporal twin cpu-tiny-temporal, see below)
+# the default model's architecture (cpu-tiny and its temporal twins cpu-tiny-temporal and cpu-tiny-stream)
 _CPU_TINY = dict(backbone_depth=18, backbone_style='pytorch', backbone_width=32, backbone_out=(1, 2), fpn_levels=2,
                  embed_dims=128, ffn_dims=256, num_heads=8, bev_h=50, bev_w=50, enc_layers=1, dec_layers=3,
                  num_query=300, grid_mask=False, dropout=0.0, **FROM_SCRATCH)
@@ -1109,19 +1119,25 @@ PRESETS = {
     # grid cost the apprentice's whole step; the upsampler for unequal BEV grids is used by the paper's
     # pairs (200x200 -> 100x100) and tested on its own. GridMask and dropout off: a 20-minute CPU run
     # underfits, and dropout alone cost ~10 % of a step in the profile. cpu-tiny has one encoder
-    # layer: a history frame cost a quarter of its CPU step and an encoder layer a third, and the
-    # iterations they buy learn more in the 20-minute default run (docs/experiments.md).
+    # layer: an encoder layer cost a third of its CPU step, and the iterations it buys learn more in the
+    # 20-minute default run (docs/experiments.md).
     # They train from scratch: nothing frozen and BatchNorm trained on batch statistics (the
     # official frozen stem/layer1 and frozen BN only make sense for a pretrained ResNet). No photometric
     # distortion (the field's default): on the default run it measured NDS 0.326 / mAP 0.156 against
     # 0.338 / 0.183 without (four runs each, docs/experiments.md).
     'cpu-tiny': BEVFormerConfig(name='cpu-tiny', image_size=(200, 113), normalisation='rgb', queue_length=1,
                                 **_CPU_TINY),
-    # cpu-tiny with one history frame (queue 2): TSA over the aligned previous BEV in training and at test
-    # time. The candidate for the temporal default run (issue 18), not there yet: in the default run's
-    # budget it trains ~2200 iterations where cpu-tiny trains 3600, and ends lower (docs/experiments.md).
+    # The temporal candidates for the default run (issue 18, not there yet; docs/experiments.md "The
+    # temporal candidates"): cpu-tiny with TSA over the aligned previous BEV in training and at test time.
+    # cpu-tiny-temporal: BEVFormer's recipe, one history frame drawn from the previous two and run without
+    # gradient in every step (321 ms a step against 252). cpu-tiny-stream: the previous BEV is streamed
+    # (history_draw 'stream', ours): training walks 32 scenes frame by frame in turn and hands each frame
+    # the BEV its scene's previous frame got, so no history frame is run (263 ms a step;
+    # docs/official-differences.md "Training set and history").
     'cpu-tiny-temporal': BEVFormerConfig(name='cpu-tiny-temporal', image_size=(200, 113), normalisation='rgb',
                                          queue_length=2, **_CPU_TINY),
+    'cpu-tiny-stream': BEVFormerConfig(name='cpu-tiny-stream', image_size=(200, 113), normalisation='rgb',
+                                       queue_length=2, history_draw='stream', **_CPU_TINY),
     'cpu-base': BEVFormerConfig(name='cpu-base', image_size=(400, 225), normalisation='rgb', queue_length=1,
                                 backbone_depth=34, backbone_style='pytorch', backbone_width=24,
                                 backbone_out=(2, 3), fpn_levels=2, embed_dims=128, ffn_dims=256,

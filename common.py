@@ -20,10 +20,12 @@ class InputError(ValueError):
 
 # The loader's choices a model config names (data.View, DetectorConfig): how a camera image is decoded
 # and resized (data.load_image), what fills can_bus[7:16] without the CAN-bus expansion, and how training
-# draws the history frames of a queue (data.history_indices).
+# draws the history frames of a queue (data.history_indices), or 'stream': no history frames are loaded,
+# the previous BEV is the one the model made for the previous frame of the same scene a few iterations
+# earlier (train.py `BEVStream`).
 IMAGE_LOADING = ('official', 'fast')
 CAN_BUS_FALLBACK = ('zeros', 'poses')
-HISTORY_DRAW = ('random', 'previous')
+HISTORY_DRAW = ('random', 'previous', 'stream')
 
 
 def keep_freed_memory():

@@ -241,7 +241,8 @@ class View:
     image_size (W, H) the images are resized to (None: the files' size); image_loading 'official' or
     'fast' (`load_image`); queue_length T (T - 1 history frames); history_draw, how training draws them
     ('random': BEVFormer's T - 1 of the previous T frames; 'previous': the T - 1 frames just before, as
-    evaluation); can_bus_fallback, can_bus[7:16] where the CAN-bus expansion has no data ('zeros': the
+    evaluation; 'stream': none, train.py carries the previous BEV over from an earlier iteration);
+    can_bus_fallback, can_bus[7:16] where the CAN-bus expansion has no data ('zeros': the
     official converter; 'poses': derived from the ego poses)."""
     image_size: tuple = None
     image_loading: str = 'official'
@@ -277,7 +278,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
     image_size: (W, H) the images are resized to (anisotropic allowed; None keeps the native size).
     queue_length: T, the number of frames seen by the model (T - 1 history frames, 1 = none).
     train: draw history frames as BEVFormer does and draw another sample when a frame of the queue has
-           no GT; False (evaluation) takes the immediately preceding frames and keeps every sample.
+           no GT (not with history_draw 'stream': a streamed scene is seen frame by frame); False
+           (evaluation) takes the immediately preceding frames and keeps every sample.
     photometric: photometric distortion of every image (training augmentation).
     history_draw, image_loading, can_bus_fallback: see `View`.
     view: a View instead of the five arguments above (what a preset owns: `view_of(cfg)`).
@@ -505,6 +507,8 @@ class NuScenesDataset(torch.utils.data.Dataset):
         T = view.queue_length
         if T <= 1:
             return []
+        if self.train and view.history_draw == 'stream':
+            return []                              # the previous BEV comes from train.py's BEVStream
         if self.train and view.history_draw == 'random':
             prev = list(range(index - T, index))
             keep = torch.randperm(T, generator=generator)[:T - 1].tolist()
@@ -536,8 +540,10 @@ class NuScenesDataset(torch.utils.data.Dataset):
             sample = self.nusc.get('sample', self.sample_tokens[index])
             gt_boxes, gt_labels, gt_tokens = self.gt(sample)
             # the official training set draws another sample when ANY frame of the queue has no GT
-            # (filter_empty_gt in prepare_train_data), frames of other scenes included
-            if not self.train or (len(gt_labels) and all(self._has_gt(i) for d in draws for i in set(d) - {index})):
+            # (filter_empty_gt in prepare_train_data), frames of other scenes included; a streamed
+            # sample is kept as it is (its scene's chain must not skip a frame)
+            if not self.train or any(v.history_draw == 'stream' and v.queue_length > 1 for v in views) or \
+                    (len(gt_labels) and all(self._has_gt(i) for d in draws for i in set(d) - {index})):
                 break
             index = int(torch.randint(len(self), ()).item())
         seed = int(torch.randint(2 ** 31, ()).item()) if self.photometric else None

@@ -553,15 +553,18 @@ def model_inputs(batch, cfg_e, cfg_a, expert_input='native'):
     'upsampled' gives the expert the loaded (apprentice-size) images upsampled, as the released code did.
     A batch without a view (direct use, benchmarks) is rescaled for the apprentice the way its loader
     would resize it, which gives the same pixels whenever the batch holds the files at their own size."""
+    # a streamed apprentice's previous BEV (train.py BEVStream) is the apprentice's alone
+    def expert_only(b):
+        return {k: v for k, v in b.items() if k not in ('prev_bev', 'prev_can_bus', 'has_prev')}
     if expert_input == 'upsampled':
         longest = max(cfg_e.queue_length, cfg_a.queue_length) - 1
         small = inputs_for(batch, cfg_a, longest)  # the apprentice's images (as loaded, or downscaled)
-        return inputs_for(small, cfg_e), inputs_for(small, cfg_a)
+        return inputs_for(expert_only(small), cfg_e), inputs_for(small, cfg_a)
     if 'apprentice' in batch:
         batch_a = {k: v for k, v in batch.items() if k != 'apprentice'}
-        batch_a.update(batch['apprentice'])       # its own img, lidar2img, can_bus, history
-        return inputs_for(batch, cfg_e), inputs_for(batch_a, cfg_a)
-    return inputs_for(batch, cfg_e), inputs_for(batch, cfg_a)
+        batch_a.update(batch['apprentice'])       # its own img, lidar2img, can_bus, history (or previous BEV)
+        return inputs_for(expert_only(batch), cfg_e), inputs_for(batch_a, cfg_a)
+    return inputs_for(expert_only(batch), cfg_e), inputs_for(batch, cfg_a)
 
 
 def pair_levels(a_strides, e_strides):

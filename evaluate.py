@@ -670,11 +670,13 @@ def toy_lidar2img(image_size, num_cams=6):
 
 def example_batch(cfg, batch_size=1, history=True, num_gt=20, seed=0):
     """A collated batch in data.collate's layout with random images, the toy rig, an ego driving
-    forward at 10 m/s, random GT boxes and (with history) queue_length - 1 history frames."""
+    forward at 10 m/s, random GT boxes and (with history) queue_length - 1 history frames, or for a
+    streamed preset (history_draw 'stream') a random previous BEV as train.py's BEVStream hands it."""
     g = torch.Generator().manual_seed(seed)
     W, H = cfg.image_size
     Wp, Hp = cfg.padded_size
-    N, B, T1 = cfg.num_cams, batch_size, (cfg.queue_length - 1 if history else 0)
+    stream = history and getattr(cfg, 'history_draw', None) == 'stream' and cfg.queue_length > 1
+    N, B, T1 = cfg.num_cams, batch_size, (cfg.queue_length - 1 if history and not stream else 0)
 
     def images():
         img = torch.zeros(B, N, 3, Hp, Wp)
@@ -711,6 +713,10 @@ def example_batch(cfg, batch_size=1, history=True, num_gt=20, seed=0):
                             'lidar2img': l2i[:, None].expand(-1, T1, -1, -1, -1).clone(),
                             'can_bus': torch.stack([can_bus(t - T1) for t in range(T1)], 1)}
         batch['history_valid'] = torch.ones(B, T1, dtype=torch.bool)
+    if stream:
+        batch['prev_bev'] = torch.randn(B, cfg.bev_h * cfg.bev_w, cfg.embed_dims, generator=g)   # [B, Q, C]
+        batch['prev_can_bus'] = can_bus(-1)
+        batch['has_prev'] = torch.ones(B, dtype=torch.bool)
     return batch
 
 
@@ -1187,9 +1193,9 @@ def get_args(argv=None):
                    'time of --steps (no data, no checkpoint)')
     g.add_argument('--presets', default='tiny,small,base,fd3d-tiny,fd3d-small,base-r101,cpu-tiny,cpu-base,'
                    'detr3d-r101,detr3d-r50,detr3d-cpu-tiny,detr3d-cpu-base', help='with --bench: the cost table')
-    g.add_argument('--steps', default='cpu-tiny,cpu-tiny-temporal,cpu-base,detr3d-cpu-tiny,detr3d-cpu-base',
-                   help='with --bench: presets whose CPU training step is timed (the single-frame cpu-tiny beside '
-                   'cpu-tiny-temporal)')
+    g.add_argument('--steps', default='cpu-tiny,cpu-tiny-temporal,cpu-tiny-stream,cpu-base,detr3d-cpu-tiny,'
+                   'detr3d-cpu-base', help='with --bench: presets whose CPU training step is timed (the single-frame '
+                   'cpu-tiny beside its temporal twins)')
     g.add_argument('--before', metavar='DIR', help='with --bench: also time the --steps presets of another '
                    'checkout of this project (e.g. `git worktree add /tmp/old HEAD~3`), in turn with ours')
     g.add_argument('--bench-distill', metavar='PAIR', choices=sorted(DISTILL_PAIRS),

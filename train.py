@@ -22,7 +22,8 @@ Defaults of the schedule are tuned for the synthetic default run; the official n
 0.01, backbone lr x0.1, cosine with a 500-iteration linear warm-up from 1/3).
 
 Exact resume (CPU): the data order depends only on (seed, iteration) (a DistributedSampler
-permutation per epoch), every loaded item draws its randomness (history frames, photometric
+permutation per epoch; for a streamed model, history_draw 'stream', StreamOrder's lanes of whole scenes,
+whose last BEVs the checkpoint keeps), every loaded item draws its randomness (history frames, photometric
 distortion) from a seed fixed by (seed, iteration, slot), the model's own randomness (GridMask)
 draws from torch's global generator, whose state the checkpoint stores with numpy's and Python's,
 and lr is a pure function of the iteration. So an interrupted and resumed run ends with
@@ -212,6 +213,94 @@ class TrainOrder(torch.utils.data.Sampler):
                 order = list(self.sampler)
             picks = order[k * self.batch_size:(k + 1) * self.batch_size]
             yield [(i, item_seed(self.seed, it, self.rank, j)) for j, i in enumerate(picks)]
+
+
+class StreamOrder(torch.utils.data.Sampler):
+    """history_draw 'stream': batches of (index, item_seed) for iterations start..total-1 that walk whole
+    scenes frame by frame, so that each frame's previous BEV is the one its scene's previous frame got.
+
+    Each batch slot of each process owns `lanes` lanes and visits them in turn (iteration it uses lane
+    it % lanes), so consecutive iterations come from different scenes while a lane's next frame comes
+    `lanes` iterations after its last one. The scenes of every epoch, in a permutation seeded by
+    (seed, epoch), are dealt to all lanes of all processes in turn; a lane runs its scenes one after the
+    other. As TrainOrder, what iteration `it` sees depends on nothing but (seed, it)."""
+
+    def __init__(self, dataset, batch_size, rank, world, seed, start, total, lanes):
+        first = dataset.scene_start + [len(dataset)]
+        self.scenes = [list(range(a, b)) for a, b in zip(first[:-1], first[1:]) if b > a]
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.seed, self.start, self.total, self.lanes = seed, start, total, lanes
+        self.n_lanes = world * batch_size * lanes
+
+    def __len__(self):
+        return self.total - self.start
+
+    def lane_of(self, it, slot):
+        """The global lane of batch slot `slot` at iteration `it` on this process."""
+        return (self.rank * self.batch_size + slot) * self.lanes + it % self.lanes
+
+    def lane_frames(self, lane, length):
+        """The first `length` dataset indices lane `lane` visits."""
+        frames, k = [], lane                        # k: position in the stream of scenes of all epochs
+        while len(frames) < length:
+            e, j = divmod(k, len(self.scenes))
+            perm = np.random.default_rng([self.seed, e]).permutation(len(self.scenes))
+            frames += self.scenes[perm[j]]
+            k += self.n_lanes
+        return frames[:length]
+
+    def __iter__(self):
+        steps = (self.total - 1) // self.lanes + 1            # visits of each lane over the run
+        mine = {self.lane_of(it, j) for it in range(self.lanes) for j in range(self.batch_size)}
+        frames = {lane: self.lane_frames(lane, steps) for lane in mine}
+        for it in range(self.start, self.total):
+            yield [(frames[self.lane_of(it, j)][it // self.lanes], item_seed(self.seed, it, self.rank, j))
+                   for j in range(self.batch_size)]
+
+
+class BEVStream:
+    """history_draw 'stream': each lane's last BEV (no gradient), handed to the lane's next frame.
+
+    `attach` puts prev_bev [B, Q, C], prev_can_bus [B, 18] and has_prev [B] into the batch (into the
+    apprentice's view when distilling), has_prev being True where the lane's last frame is the frame just
+    before this one in the same scene; a forward hook on the model keeps the BEV of each training forward,
+    and `keep` files it under the batch's lanes. Its state goes into the checkpoint (exact resume)."""
+
+    def __init__(self, model, order):
+        self.order, self.memory, self.latest = order, {}, None
+        model.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, out):
+        if module.training:
+            self.latest = out['bev_seq'].detach()                           # [B, Q, C]
+
+    def attach(self, batch, it):
+        view = batch.get('apprentice', batch)
+        B = batch['img'].shape[0]
+        mems = [self.memory.get(self.order.lane_of(it, b)) for b in range(B)]
+        has = [m is not None and m['index'] == int(batch['index'][b]) - 1 and m['scene'] == batch['scene_token'][b]
+               for b, m in enumerate(mems)]
+        view['has_prev'] = torch.tensor(has, dtype=torch.bool)                  # [B]
+        view['prev_can_bus'] = torch.stack([m['can_bus'] if ok else torch.zeros(18) for m, ok in zip(mems, has)])
+        like = next((m['bev'] for m in mems if m is not None), None)
+        view['prev_bev'] = None if like is None else torch.stack(                # [B, Q, C]
+            [m['bev'] if ok else torch.zeros_like(like) for m, ok in zip(mems, has)])
+        return batch
+
+    def keep(self, batch, it):
+        """After the step: the BEV just made becomes each lane's memory."""
+        view = batch.get('apprentice', batch)
+        for b in range(self.latest.shape[0]):
+            self.memory[self.order.lane_of(it, b)] = {
+                'bev': self.latest[b], 'can_bus': view['can_bus'][b].detach().cpu().float(),
+                'index': int(batch['index'][b]), 'scene': batch['scene_token'][b]}
+        self.latest = None
+
+    def state_dict(self):
+        return {lane: {**m, 'bev': m['bev'].cpu()} for lane, m in self.memory.items()}
+
+    def load_state_dict(self, state, device):
+        self.memory = {int(lane): {**m, 'bev': m['bev'].to(device)} for lane, m in state.items()}
 
 
 def ignore_sigint(worker_id):
@@ -421,6 +510,9 @@ def make_distiller(args, cfg, model, ckpt, device):
     if not args.teacher:
         return None, data.view_of(cfg), None
     expert, _, _ = models.model_from_checkpoint(args.teacher, '--teacher', args.teacher_preset)
+    if streams(expert.cfg):
+        raise InputError(f"--teacher '{args.teacher}': an expert trained with history_draw 'stream' cannot "
+                         f"teach yet (it would see no previous BEV); use a queue-trained expert")
     distiller = distill.Distiller(
         expert=expert.to(device), apprentice=model, mode=args.distill, parts=args.fd3d_parts,
         select=args.fd3d_select, score=args.fd3d_score, gate=args.fd3d_gate, box_scale=args.fd3d_box_scale,
@@ -477,10 +569,20 @@ def count_iterations(args, n_train, world):
     return per_epoch, (args.epochs * per_epoch if args.epochs else args.iters)
 
 
-def make_loader(train_set, args, rank, world, start, total):
-    """Batches for iterations start..total-1, in the order TrainOrder fixes and with each item's
-    randomness seeded by Seeded, so that where a run starts does not change what it sees."""
-    order = TrainOrder(train_set, args.batch_size, rank, world, args.seed, start, total)
+def streams(cfg):
+    """True when `cfg` is temporal and trains with history_draw 'stream' (the previous BEV carried over by
+    BEVStream)."""
+    return getattr(cfg, 'history_draw', None) == 'stream' and cfg.queue_length > 1
+
+
+def make_loader(train_set, args, cfg, rank, world, start, total):
+    """Batches for iterations start..total-1, in the order TrainOrder (or, for a streamed model,
+    StreamOrder) fixes and with each item's randomness seeded by Seeded, so that where a run starts does
+    not change what it sees."""
+    if streams(cfg):
+        order = StreamOrder(train_set, args.batch_size, rank, world, args.seed, start, total, cfg.stream_lanes)
+    else:
+        order = TrainOrder(train_set, args.batch_size, rank, world, args.seed, start, total)
     # The loader gets its own generator so that creating it never advances torch's global one.
     return DataLoader(Seeded(train_set), batch_sampler=order, collate_fn=data.collate, num_workers=args.workers,
                       generator=torch.Generator(), worker_init_fn=ignore_sigint)
@@ -545,6 +647,7 @@ class Run:
     total: int                 # iterations of the whole run
     log_path: str
     curve_path: str
+    stream: object = None      # BEVStream for a streamed model (history_draw 'stream'), else None
     best: float = -1.0         # best val NDS so far (-1: none yet); stored in every checkpoint
 
     @property
@@ -576,12 +679,13 @@ def setup_run(args, explicit):
     train_set, val_set = make_datasets(args, cfg, load_view, apprentice_view)
     per_epoch, total = count_iterations(args, len(train_set), world)
     start = ckpt['iter'] if ckpt is not None else 0
-    loader = make_loader(train_set, args, rank, world, start, total)
+    loader = make_loader(train_set, args, cfg, rank, world, start, total)
     optimizer, scaler, params = make_optimizer(args, model, trained, use_amp)
+    stream = BEVStream(model, loader.batch_sampler) if streams(cfg) else None
     run = Run(args=args, cfg=cfg, rank=rank, world=world, device=device, use_amp=use_amp, say=say, model=model,
               distiller=distiller, net=net, params=params, optimizer=optimizer, scaler=scaler, val_set=val_set,
               per_epoch=per_epoch, start=start, total=total, log_path=os.path.join(args.out, 'log.jsonl'),
-              curve_path=os.path.join(args.out, 'learning_curve.png'))
+              curve_path=os.path.join(args.out, 'learning_curve.png'), stream=stream)
     if ckpt is not None:
         restore_state(run, ckpt)
     if run.master:
@@ -601,16 +705,19 @@ def setup_run(args, explicit):
 
 def save_state(run, it, path):
     """Every rank calls it (the RNG states of all ranks are gathered); rank 0 writes, atomically."""
+    mine = {'rng': rng_state(), 'stream': run.stream.state_dict() if run.stream is not None else None}
     states = [None] * run.world
     if run.world > 1:
-        dist.all_gather_object(states, rng_state())
+        dist.all_gather_object(states, mine)
     else:
-        states = [rng_state()]
+        states = [mine]
     if not run.master:
         return
     state = {'model': run.model.state_dict(), 'config': dataclasses.asdict(run.cfg), 'args': vars(run.args),
              'optimizer': run.optimizer.state_dict(), 'scaler': run.scaler.state_dict(), 'iter': it,
-             'rng': states, 'best': run.best}
+             'rng': [m['rng'] for m in states], 'best': run.best}
+    if run.stream is not None:   # each process's lanes: their last BEVs
+        state['stream'] = [m['stream'] for m in states]
     if run.distiller is not None:   # its trainable parts only: the expert has its own checkpoint
         state['distiller'] = run.distiller.kd.state_dict()
     save_checkpoint(state, path)
@@ -624,6 +731,9 @@ def restore_state(run, ckpt):
     run.best = ckpt.get('best', -1.0)
     # a checkpoint of another number of processes: every rank continues from rank 0's states
     set_rng_state(ckpt['rng'][run.rank] if len(ckpt['rng']) == run.world else ckpt['rng'][0])
+    # the lanes' last BEVs; with another number of processes the lanes are others: they start afresh
+    if run.stream is not None and len(ckpt.get('stream') or []) == run.world:
+        run.stream.load_state_dict(ckpt['stream'][run.rank], run.device)
 
 
 def keep_if_best(run, it, summary):
@@ -811,7 +921,11 @@ def train(args, explicit=()):
     try:
         for it, batch in enumerate(loader, run.start):
             lr = get_lr(it, args.lr, run.total, args.warmup, args.min_lr_ratio)
+            if run.stream is not None:
+                run.stream.attach(batch, it)        # the lanes' previous BEVs
             loss, losses, grad_norm, stop = train_step(run, data.to_device(batch, run.device), it, lr, ctrl_c)
+            if run.stream is not None:
+                run.stream.keep(batch, it)
             now = clock()
             # dt: wall seconds of the iteration (data wait included); cpu: CPU seconds this process
             # used for it (all threads), a figure that other jobs on a shared machine do not inflate

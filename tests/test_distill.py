@@ -309,6 +309,25 @@ def test_apprentice_inputs_are_a_consistent_downscale():
     assert (be['img'][0, 0, 0, 2:88, 2:158] - 127.5).abs().max() > 100  # the native input keeps it
 
 
+def test_a_streamed_apprentices_previous_bev_is_its_own():
+    """train.py's BEVStream puts a streamed apprentice's previous BEV into the batch (the apprentice's view
+    when the loader serves one, else the top level): the apprentice gets it, the expert never does."""
+    expert, apprentice = small_pair()
+    ec, ac = expert.cfg, dataclasses.replace(apprentice.cfg, history_draw='stream')
+    carried = {'prev_bev': torch.randn(1, 64, ac.embed_dims), 'prev_can_bus': torch.zeros(1, 18),
+               'has_prev': torch.ones(1, dtype=torch.bool)}
+    top = {**evaluate.example_batch(ec, batch_size=1, num_gt=4), **carried}
+    served = evaluate.example_batch(ec, batch_size=1, num_gt=4)
+    served['apprentice'] = {**evaluate.example_batch(ac, batch_size=1, num_gt=4, history=False), **carried}
+    for batch, mode in [(top, 'native'), (top, 'upsampled'), (served, 'native')]:
+        be, ba = distill.model_inputs(batch, ec, ac, expert_input=mode)
+        assert not {'prev_bev', 'prev_can_bus', 'has_prev'} & set(be), mode
+        assert ba['prev_bev'] is carried['prev_bev'] and bool(ba['has_prev'][0]), mode
+    d = distill.Distiller(expert=expert, apprentice=bevformer.BEVFormer(ac), mode='fd3d').train()
+    losses = d(served)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
 def test_no_gradient_reaches_expert_and_saved_apprentice_is_plain():
     expert, apprentice = small_pair()
     before = {k: v.clone() for k, v in expert.state_dict().items()}

@@ -559,6 +559,7 @@ if __name__ == '__main__' and '--stand-in' in sys.argv:
 @pytest.mark.parametrize('preset,extra,history', [
     ('cpu-tiny', [], 'single frame (no temporal state)'),          # the preset is single-frame
     ('cpu-tiny', ['--set', 'queue_length=2'], 'previous BEV in the state'),
+    ('cpu-tiny-stream', [], 'previous BEV in the state'),
     ('detr3d-cpu-tiny', [], 'single frame (no temporal state)')])
 def test_speed_prints_the_protocol_and_the_figures(preset, extra, history, capsys):
     """evaluate.py --speed: the protocol line names the preset, batch, input size, precision and the
@@ -616,3 +617,113 @@ def test_attention_picture_cameras_agree_with_the_projection(world, tmp_path):
     for q, cams in hits.items():
         assert cams == [n for n in range(mask.shape[0]) if bool(mask[n, 0, q].any())]
     assert any(hits.values())                                                # some cell is seen by a camera
+
+
+# ------------------------------------------------------------------------------------------------
+# history_draw 'stream': the order that walks whole scenes, the carried-over BEV, exact resume
+
+
+def _train_split(world):
+    return data.NuScenesDataset(world, split='train', train=True)
+
+
+@pytest.mark.parametrize('lanes,world_size,batch', [(4, 1, 1), (2, 2, 1), (1, 1, 2)])
+def test_stream_order_walks_each_scene_frame_by_frame(world, lanes, world_size, batch):
+    """Each lane runs whole scenes in time order, one frame per visit; iteration it uses lane it % lanes,
+    so two iterations in a row come from different lanes; the lanes of all processes share out each
+    epoch's scenes before the next epoch begins; a run started at iteration k sees the rest."""
+    ds = _train_split(world)
+    total = 40
+    orders = [train.StreamOrder(ds, batch, r, world_size, 3, 0, total, lanes) for r in range(world_size)]
+    visits = {}                                              # global lane -> dataset indices in visit order
+    for r, order in enumerate(orders):
+        for it, picks in enumerate(order):
+            assert len(picks) == batch
+            for j, (index, _) in enumerate(picks):
+                visits.setdefault(order.lane_of(it, j), []).append(index)
+            if lanes > 1 and it:
+                assert order.lane_of(it, 0) != order.lane_of(it - 1, 0)
+    assert len(visits) == world_size * batch * lanes
+    starts = set(ds.scene_start)
+    for lane, seq in visits.items():
+        for a, b in zip(seq, seq[1:]):                       # the next frame of the scene, or a scene's first
+            assert b == a + 1 and ds.scene_index[b] == ds.scene_index[a] or b in starts, (lane, seq)
+    # epoch 0's scenes go to the first lanes, each once, before epoch 1's
+    first_scenes = [ds.scene_index[visits[lane][0]] for lane in sorted(visits)]
+    n = min(len(ds.scenes), len(visits))
+    assert len(set(first_scenes[:n])) == n
+    # resumable: what iteration it sees depends on (seed, it) only
+    full = list(train.StreamOrder(ds, batch, 0, world_size, 3, 0, total, lanes))
+    assert list(train.StreamOrder(ds, batch, 0, world_size, 3, 13, total, lanes)) == full[13:]
+    # ...and the seed matters
+    assert list(train.StreamOrder(ds, batch, 0, world_size, 4, 0, total, lanes)) != full
+
+
+def test_stream_dataset_loads_no_history_and_keeps_every_sample(world):
+    view = data.View(image_size=(64, 36), queue_length=2, history_draw='stream')
+    ds = data.NuScenesDataset(world, split='train', train=True, view=view)
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item['index'] == i and item['history'] == []
+
+
+def _stream_run(world, out, extra=()):
+    return ['--model', 'cpu-tiny-stream', '--set', 'stream_lanes=2',
+            '--dataroot', world, '--warmup', '2', '--log-every', '1', '--no-eval', '--threads', '1', '--seed', '5',
+            '--out', out] + SMALLER + list(extra)
+
+
+def test_stream_carries_the_previous_frames_bev_and_resumes_exactly(world, tmp_path, monkeypatch):
+    """A streamed run hands each frame the BEV its scene's previous frame got (has_prev exactly when the
+    lane's last frame is the one just before), trains no history frame, and an interrupted and resumed
+    run ends bit-identical to an uninterrupted one (the lanes' BEVs are in the checkpoint)."""
+    seen = []                                                # (index, has_prev, prev_bev) of each training forward
+    bevs = {}                                                # index -> the BEV its training forward made
+    plain_build = models.build_model
+
+    def build(cfg, sigint_at=None):
+        model = plain_build(cfg)
+        calls = [0]
+
+        def before(module, args):
+            batch = args[0]
+            if module.training:
+                calls[0] += 1
+                if calls[0] == sigint_at:
+                    os.kill(os.getpid(), signal.SIGINT)
+                assert 'history' not in batch or not batch['history_valid'].any()
+                prev = batch['prev_bev']
+                seen.append((int(batch['index'][0]), bool(batch['has_prev'][0]),
+                             None if prev is None else prev[0].clone()))
+
+        def after(module, args, out):
+            if module.training:
+                bevs[int(args[0]['index'][0])] = out['bev_seq'][0].detach().clone()
+        model.register_forward_pre_hook(before)
+        model.register_forward_hook(after)
+        return model
+
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    monkeypatch.setattr(models, 'build_model', build)
+    assert run_train(_stream_run(world, a, ['--iters', '8', '--workers', '0'])) == 0
+    ds = _train_split(world)
+    assert sum(h for _, h, _ in seen) >= 4                    # 4-frame scenes in 2 lanes: most frames have one
+    for index, has_prev, prev in seen:
+        first = index in ds.scene_start
+        assert has_prev == (not first and index - 1 in bevs), index
+        if has_prev:
+            assert torch.equal(prev, bevs[index - 1])          # exactly the BEV of the frame before
+    # interrupted during iteration 3, resumed
+    monkeypatch.setattr(models, 'build_model', lambda cfg: build(cfg, sigint_at=3))
+    assert run_train(_stream_run(world, b, ['--iters', '8', '--workers', '0'])) == 130
+    ckpt = _weights(os.path.join(b, 'last.pt'))
+    assert ckpt['iter'] == 3 and len(ckpt['stream'][0]) == 2  # both lanes' last BEVs
+    monkeypatch.setattr(models, 'build_model', build)
+    assert run_train(['--resume', os.path.join(b, 'last.pt'), '--workers', '2']) == 0
+    wa, wb = _weights(os.path.join(a, 'last.pt')), _weights(os.path.join(b, 'last.pt'))
+    assert wb['iter'] == 8
+    assert all(torch.equal(wa['model'][k], wb['model'][k]) for k in wa['model'])
+    # an expert trained so cannot teach yet: one line naming the flag
+    with pytest.raises(train.InputError, match='--teacher .*stream'):
+        train.train(train.get_args(['--teacher', os.path.join(a, 'last.pt'), '--student', 'cpu-tiny',
+                                    '--dataroot', world, '--iters', '1', '--out', str(tmp_path / 'c')])[0])
