@@ -28,6 +28,12 @@ CAN_BUS_FALLBACK = ('zeros', 'poses')
 HISTORY_DRAW = ('random', 'previous', 'stream')
 
 
+def streams(cfg):
+    """True when a model config or a data.View is temporal (queue_length > 1) and trains with history_draw
+    'stream' (no history frames; train.py's BEVStream carries the previous BEV over)."""
+    return getattr(cfg, 'history_draw', None) == 'stream' and cfg.queue_length > 1
+
+
 def keep_freed_memory():
     """Let glibc keep freed memory for reuse instead of handing large blocks back to the system.
 

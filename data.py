@@ -51,7 +51,7 @@ from nuscenes.utils.splits import create_splits_scenes
 
 import synthetic
 from common import (CAMERAS, CAN_BUS_FALLBACK, CLASSES, HISTORY_DRAW, IMAGE_LOADING,  # noqa: F401
-                    InputError, resize_images)
+                    InputError, resize_images, streams)
 
 PC_RANGE_XY = 51.2           # GT kept when |x| and |y| are strictly inside (BEVFormer's ObjectRangeFilter)
 PAD = 32                     # images are zero-padded to a multiple of this
@@ -507,7 +507,7 @@ class NuScenesDataset(torch.utils.data.Dataset):
         T = view.queue_length
         if T <= 1:
             return []
-        if self.train and view.history_draw == 'stream':
+        if self.train and streams(view):
             return []                              # the previous BEV comes from train.py's BEVStream
         if self.train and view.history_draw == 'random':
             prev = list(range(index - T, index))
@@ -542,7 +542,7 @@ class NuScenesDataset(torch.utils.data.Dataset):
             # the official training set draws another sample when ANY frame of the queue has no GT
             # (filter_empty_gt in prepare_train_data), frames of other scenes included; a streamed
             # sample is kept as it is (its scene's chain must not skip a frame)
-            if not self.train or any(v.history_draw == 'stream' and v.queue_length > 1 for v in views) or \
+            if not self.train or any(streams(v) for v in views) or \
                     (len(gt_labels) and all(self._has_gt(i) for d in draws for i in set(d) - {index})):
                 break
             index = int(torch.randint(len(self), ()).item())

@@ -45,7 +45,7 @@ import data
 import bevformer
 import distill
 import models
-from common import keep_freed_memory
+from common import keep_freed_memory, streams
 from data import InputError
 
 # ------------------------------------------------------------------------------------------------
@@ -675,7 +675,7 @@ def example_batch(cfg, batch_size=1, history=True, num_gt=20, seed=0):
     g = torch.Generator().manual_seed(seed)
     W, H = cfg.image_size
     Wp, Hp = cfg.padded_size
-    stream = history and getattr(cfg, 'history_draw', None) == 'stream' and cfg.queue_length > 1
+    stream = history and streams(cfg)
     N, B, T1 = cfg.num_cams, batch_size, (cfg.queue_length - 1 if history and not stream else 0)
 
     def images():

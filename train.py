@@ -52,7 +52,7 @@ import data
 import distill
 import evaluate
 import models
-from common import InputError, keep_freed_memory, save_checkpoint
+from common import InputError, keep_freed_memory, save_checkpoint, streams
 
 DEFAULT_DATAROOT = 'data/synthetic'
 # the value that reproduces the behaviour before each flag existed (resuming an older checkpoint)
@@ -567,12 +567,6 @@ def count_iterations(args, n_train, world):
         raise InputError(f'--batch-size {args.batch_size}: the train split has only {n_train} samples '
                          f'for {world} process(es)')
     return per_epoch, (args.epochs * per_epoch if args.epochs else args.iters)
-
-
-def streams(cfg):
-    """True when `cfg` is temporal and trains with history_draw 'stream' (the previous BEV carried over by
-    BEVStream)."""
-    return getattr(cfg, 'history_draw', None) == 'stream' and cfg.queue_length > 1
 
 
 def make_loader(train_set, args, cfg, rank, world, start, total):
