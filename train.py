@@ -225,7 +225,10 @@ class StreamOrder(torch.utils.data.Sampler):
     (seed, epoch), are dealt to all lanes of all processes in turn; a lane runs its scenes one after the
     other. As TrainOrder, what iteration `it` sees depends on nothing but (seed, it)."""
 
-    def __init__(self, dataset, batch_size, rank, world, seed, start, total, lanes):
+    def __init__(self, dataset, batch_size, rank, world, seed, start, total, lanes, warmup=0, clip=0):
+        self.clip, self._units = clip, {}   # clip: frames per unit dealt to a lane (0: whole scenes)
+        self.warmup = warmup                # iterations 0..warmup-1: TrainOrder's shuffled batches, no stream
+        self.shuffled = TrainOrder(dataset, batch_size, rank, world, seed, start, min(warmup, total))
         first = dataset.scene_start + [len(dataset)]
         self.scenes = [list(range(a, b)) for a, b in zip(first[:-1], first[1:]) if b > a]
         self.batch_size, self.rank, self.world = batch_size, rank, world
@@ -236,25 +239,45 @@ class StreamOrder(torch.utils.data.Sampler):
         return self.total - self.start
 
     def lane_of(self, it, slot):
-        """The global lane of batch slot `slot` at iteration `it` on this process."""
-        return (self.rank * self.batch_size + slot) * self.lanes + it % self.lanes
+        """The global lane of batch slot `slot` at iteration `it` (>= warmup) on this process."""
+        return (self.rank * self.batch_size + slot) * self.lanes + (it - self.warmup) % self.lanes
+
+    def epoch_units(self, e):
+        """What the lanes are dealt in epoch e, in order: whole scenes in a permutation seeded by (seed, e),
+        or, with `clip` frames, every scene cut into clips of `clip` frames (at a random phase) and the
+        clips shuffled."""
+        if e not in self._units:
+            rng = np.random.default_rng([self.seed, e])
+            units = [self.scenes[i] for i in rng.permutation(len(self.scenes))]
+            if self.clip:
+                cuts = []
+                for scene in units:
+                    phase = int(rng.integers(self.clip))        # the first clip is the scene's first `phase` frames
+                    ends = sorted({0, *range(phase, len(scene), self.clip), len(scene)})
+                    cuts += [scene[a:b] for a, b in zip(ends[:-1], ends[1:])]
+                units = [cuts[i] for i in rng.permutation(len(cuts))]
+            self._units[e] = units
+        return self._units[e]
 
     def lane_frames(self, lane, length):
         """The first `length` dataset indices lane `lane` visits."""
-        frames, k = [], lane                        # k: position in the stream of scenes of all epochs
+        frames, k, e = [], lane, 0                  # k: position in epoch e's units
         while len(frames) < length:
-            e, j = divmod(k, len(self.scenes))
-            perm = np.random.default_rng([self.seed, e]).permutation(len(self.scenes))
-            frames += self.scenes[perm[j]]
+            while k >= len(self.epoch_units(e)):
+                k -= len(self.epoch_units(e))
+                e += 1
+            frames += self.epoch_units(e)[k]
             k += self.n_lanes
         return frames[:length]
 
     def __iter__(self):
-        steps = (self.total - 1) // self.lanes + 1            # visits of each lane over the run
-        mine = {self.lane_of(it, j) for it in range(self.lanes) for j in range(self.batch_size)}
+        yield from self.shuffled
+        steps = max(self.total - self.warmup - 1, 0) // self.lanes + 1   # visits of each lane over the run
+        mine = {self.lane_of(self.warmup + s, j) for s in range(self.lanes) for j in range(self.batch_size)}
         frames = {lane: self.lane_frames(lane, steps) for lane in mine}
-        for it in range(self.start, self.total):
-            yield [(frames[self.lane_of(it, j)][it // self.lanes], item_seed(self.seed, it, self.rank, j))
+        for it in range(max(self.start, self.warmup), self.total):
+            visit = (it - self.warmup) // self.lanes
+            yield [(frames[self.lane_of(it, j)][visit], item_seed(self.seed, it, self.rank, j))
                    for j in range(self.batch_size)]
 
 
@@ -277,7 +300,10 @@ class BEVStream:
     def attach(self, batch, it):
         view = batch.get('apprentice', batch)
         B = batch['img'].shape[0]
-        mems = [self.memory.get(self.order.lane_of(it, b)) for b in range(B)]
+        if it < self.order.warmup:                  # shuffled warm-up: every frame a scene's first
+            mems = [None] * B
+        else:
+            mems = [self.memory.get(self.order.lane_of(it, b)) for b in range(B)]
         has = [m is not None and m['index'] == int(batch['index'][b]) - 1 and m['scene'] == batch['scene_token'][b]
                for b, m in enumerate(mems)]
         view['has_prev'] = torch.tensor(has, dtype=torch.bool)                  # [B]
@@ -290,6 +316,9 @@ class BEVStream:
     def keep(self, batch, it):
         """After the step: the BEV just made becomes each lane's memory."""
         view = batch.get('apprentice', batch)
+        if it < self.order.warmup:
+            self.latest = None
+            return
         for b in range(self.latest.shape[0]):
             self.memory[self.order.lane_of(it, b)] = {
                 'bev': self.latest[b], 'can_bus': view['can_bus'][b].detach().cpu().float(),
@@ -574,7 +603,8 @@ def make_loader(train_set, args, cfg, rank, world, start, total):
     StreamOrder) fixes and with each item's randomness seeded by Seeded, so that where a run starts does
     not change what it sees."""
     if streams(cfg):
-        order = StreamOrder(train_set, args.batch_size, rank, world, args.seed, start, total, cfg.stream_lanes)
+        order = StreamOrder(train_set, args.batch_size, rank, world, args.seed, start, total, cfg.stream_lanes,
+                            warmup=round(cfg.stream_warmup * total), clip=cfg.stream_clip)
     else:
         order = TrainOrder(train_set, args.batch_size, rank, world, args.seed, start, total)
     # The loader gets its own generator so that creating it never advances torch's global one.
