@@ -723,8 +723,8 @@ class BEVFormerConfig(DetectorConfig):
     # chain does (docs/official-differences.md). With queue_length 1 (single frame) none applies.
     history_draw: str = 'random'
     stream_lanes: int = 32         # history_draw 'stream': scenes in flight per batch slot, in turn (4 trained worse)
-    stream_clip: int = 0           # history_draw 'stream': lanes run clips of this many frames (0: whole scenes)
     stream_warmup: float = 0.0     # history_draw 'stream': this fraction of the run first, shuffled, no previous BEV
+                                   # (0.75 learned not to use the previous BEV at all: docs/experiments.md)
     # BEV encoder and the decoder's BEV cross-attention
     bev_h: int = 50
     bev_w: int = 50
@@ -744,7 +744,6 @@ class BEVFormerConfig(DetectorConfig):
             (self.sca_points % self.num_z == 0, 'sca_points must be a multiple of num_z'),
             (self.history_draw in HISTORY_DRAW, f"history_draw must be one of {', '.join(HISTORY_DRAW)}"),
             (self.stream_lanes >= 1, f'stream_lanes must be >= 1, got {self.stream_lanes}'),
-            (self.stream_clip >= 0, f'stream_clip must be >= 0, got {self.stream_clip}'),
             (0.0 <= self.stream_warmup < 1.0, f'stream_warmup must be in [0, 1), got {self.stream_warmup}'),
         ]
 

@@ -223,10 +223,11 @@ class StreamOrder(torch.utils.data.Sampler):
     it % lanes), so consecutive iterations come from different scenes while a lane's next frame comes
     `lanes` iterations after its last one. The scenes of every epoch, in a permutation seeded by
     (seed, epoch), are dealt to all lanes of all processes in turn; a lane runs its scenes one after the
-    other. As TrainOrder, what iteration `it` sees depends on nothing but (seed, it)."""
+    other. With `warmup` > 0 (stream_warmup) the first `warmup` iterations are TrainOrder's shuffled ones,
+    which BEVStream hands no previous BEV, and the stream starts after them. As TrainOrder, what
+    iteration `it` sees depends on nothing but (seed, it)."""
 
-    def __init__(self, dataset, batch_size, rank, world, seed, start, total, lanes, warmup=0, clip=0):
-        self.clip, self._units = clip, {}   # clip: frames per unit dealt to a lane (0: whole scenes)
+    def __init__(self, dataset, batch_size, rank, world, seed, start, total, lanes, warmup=0):
         self.warmup = warmup                # iterations 0..warmup-1: TrainOrder's shuffled batches, no stream
         self.shuffled = TrainOrder(dataset, batch_size, rank, world, seed, start, min(warmup, total))
         first = dataset.scene_start + [len(dataset)]
@@ -242,31 +243,13 @@ class StreamOrder(torch.utils.data.Sampler):
         """The global lane of batch slot `slot` at iteration `it` (>= warmup) on this process."""
         return (self.rank * self.batch_size + slot) * self.lanes + (it - self.warmup) % self.lanes
 
-    def epoch_units(self, e):
-        """What the lanes are dealt in epoch e, in order: whole scenes in a permutation seeded by (seed, e),
-        or, with `clip` frames, every scene cut into clips of `clip` frames (at a random phase) and the
-        clips shuffled."""
-        if e not in self._units:
-            rng = np.random.default_rng([self.seed, e])
-            units = [self.scenes[i] for i in rng.permutation(len(self.scenes))]
-            if self.clip:
-                cuts = []
-                for scene in units:
-                    phase = int(rng.integers(self.clip))        # the first clip is the scene's first `phase` frames
-                    ends = sorted({0, *range(phase, len(scene), self.clip), len(scene)})
-                    cuts += [scene[a:b] for a, b in zip(ends[:-1], ends[1:])]
-                units = [cuts[i] for i in rng.permutation(len(cuts))]
-            self._units[e] = units
-        return self._units[e]
-
     def lane_frames(self, lane, length):
         """The first `length` dataset indices lane `lane` visits."""
-        frames, k, e = [], lane, 0                  # k: position in epoch e's units
+        frames, k = [], lane                        # k: position in the stream of scenes of all epochs
         while len(frames) < length:
-            while k >= len(self.epoch_units(e)):
-                k -= len(self.epoch_units(e))
-                e += 1
-            frames += self.epoch_units(e)[k]
+            e, j = divmod(k, len(self.scenes))
+            perm = np.random.default_rng([self.seed, e]).permutation(len(self.scenes))
+            frames += self.scenes[perm[j]]
             k += self.n_lanes
         return frames[:length]
 
@@ -604,7 +587,7 @@ def make_loader(train_set, args, cfg, rank, world, start, total):
     not change what it sees."""
     if streams(cfg):
         order = StreamOrder(train_set, args.batch_size, rank, world, args.seed, start, total, cfg.stream_lanes,
-                            warmup=round(cfg.stream_warmup * total), clip=cfg.stream_clip)
+                            warmup=round(cfg.stream_warmup * total))
     else:
         order = TrainOrder(train_set, args.batch_size, rank, world, args.seed, start, total)
     # The loader gets its own generator so that creating it never advances torch's global one.

@@ -659,33 +659,23 @@ def test_stream_order_walks_each_scene_frame_by_frame(world, lanes, world_size, 
     assert list(train.StreamOrder(ds, batch, 0, world_size, 4, 0, total, lanes)) != full
 
 
-@pytest.mark.parametrize('clip', [2, 3])
-def test_stream_order_clips_and_warmup(world, clip):
-    """stream_warmup: the first iterations are TrainOrder's shuffled ones and carry no previous BEV;
-    stream_clip: each epoch cuts every scene into clips of at most `clip` frames (together every sample
-    once), the lanes run the clips frame by frame; a run started anywhere sees the rest."""
+def test_stream_warmup_starts_shuffled_then_streams(world):
+    """stream_warmup: the first iterations are TrainOrder's shuffled ones and carry no previous BEV (nor
+    leave one for the lanes); then the lanes walk whole scenes from their first frames; a run started
+    anywhere (inside the warm-up, at its end, in the stream) sees the rest."""
     ds = _train_split(world)
     total, warmup, lanes = 30, 5, 2
-    order = train.StreamOrder(ds, 1, 0, 1, 3, 0, total, lanes, warmup=warmup, clip=clip)
+    order = train.StreamOrder(ds, 1, 0, 1, 3, 0, total, lanes, warmup=warmup)
     full = list(order)
     assert len(full) == total
     assert full[:warmup] == list(train.TrainOrder(ds, 1, 0, 1, 3, 0, warmup))
-    for e in range(2):
-        units = order.epoch_units(e)
-        assert sorted(i for u in units for i in u) == list(range(len(ds)))     # a partition of the samples
-        assert all(1 <= len(u) <= clip and u == list(range(u[0], u[0] + len(u))) for u in units)
-        assert all(ds.scene_index[u[0]] == ds.scene_index[u[-1]] for u in units)
-        assert max(map(len, units)) == clip
-    assert order.epoch_units(0) != order.epoch_units(1)
-    visits = {}
-    for it in range(warmup, total):
-        visits.setdefault(order.lane_of(it, 0), []).append(full[it][0][0])
-    assert len(visits) == lanes
-    starts = {u[0] for e in range(3) for u in order.epoch_units(e)}
-    for seq in visits.values():
-        assert all(b == a + 1 or b in starts for a, b in zip(seq, seq[1:]))
+    # after the warm-up: exactly the stream of a run without one, shifted by `warmup` iterations
+    assert ([p[0][0] for p in full[warmup:]]
+            == [p[0][0] for p in train.StreamOrder(ds, 1, 0, 1, 3, 0, total - warmup, lanes)])
+    assert all(full[warmup + s][0][0] in ds.scene_start for s in range(lanes))   # each lane starts a scene
+    assert order.lane_of(warmup, 0) != order.lane_of(warmup + 1, 0)
     for start in (3, warmup, 12):
-        assert list(train.StreamOrder(ds, 1, 0, 1, 3, start, total, lanes, warmup=warmup, clip=clip)) == full[start:]
+        assert list(train.StreamOrder(ds, 1, 0, 1, 3, start, total, lanes, warmup=warmup)) == full[start:]
     # during the warm-up every frame is predicted as a scene's first, and nothing is kept for the lanes
     stream = train.BEVStream(torch.nn.Linear(1, 1), order)
     batch = data.collate([ds[full[1][0][0]]])
@@ -694,6 +684,9 @@ def test_stream_order_clips_and_warmup(world, clip):
     assert batch['prev_bev'] is None and not batch['has_prev'].any()
     stream.keep(batch, 1)
     assert stream.memory == {}
+    stream.latest = torch.zeros(1, 4, 8)
+    stream.keep(batch, warmup)                               # from the warm-up's end on, the lanes keep
+    assert list(stream.memory) == [order.lane_of(warmup, 0)]
 
 
 def test_stream_dataset_loads_no_history_and_keeps_every_sample(world):
