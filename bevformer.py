@@ -724,7 +724,7 @@ class BEVFormerConfig(DetectorConfig):
     history_draw: str = 'random'
     stream_lanes: int = 32         # history_draw 'stream': scenes in flight per batch slot, in turn (4 trained worse)
     stream_warmup: float = 0.0     # history_draw 'stream': this fraction of the run first, shuffled, no previous BEV
-                                   # (0.75 learned not to use the previous BEV at all: docs/experiments.md)
+                                   # (at 0.75 the model hardly used its previous BEV: docs/experiments.md)
     # BEV encoder and the decoder's BEV cross-attention
     bev_h: int = 50
     bev_w: int = 50
