@@ -240,7 +240,9 @@ class StreamOrder(torch.utils.data.Sampler):
         return self.total - self.start
 
     def lane_of(self, it, slot):
-        """The global lane of batch slot `slot` at iteration `it` (>= warmup) on this process."""
+        """The global lane of batch slot `slot` at iteration `it` on this process (None in the warm-up)."""
+        if it < self.warmup:
+            return None
         return (self.rank * self.batch_size + slot) * self.lanes + (it - self.warmup) % self.lanes
 
     def lane_frames(self, lane, length):
@@ -283,10 +285,8 @@ class BEVStream:
     def attach(self, batch, it):
         view = batch.get('apprentice', batch)
         B = batch['img'].shape[0]
-        if it < self.order.warmup:                  # shuffled warm-up: every frame a scene's first
-            mems = [None] * B
-        else:
-            mems = [self.memory.get(self.order.lane_of(it, b)) for b in range(B)]
+        # no lane (shuffled warm-up): no memory, every frame is predicted as a scene's first
+        mems = [self.memory.get(self.order.lane_of(it, b)) for b in range(B)]
         has = [m is not None and m['index'] == int(batch['index'][b]) - 1 and m['scene'] == batch['scene_token'][b]
                for b, m in enumerate(mems)]
         view['has_prev'] = torch.tensor(has, dtype=torch.bool)                  # [B]
@@ -299,11 +299,11 @@ class BEVStream:
     def keep(self, batch, it):
         """After the step: the BEV just made becomes each lane's memory."""
         view = batch.get('apprentice', batch)
-        if it < self.order.warmup:
-            self.latest = None
-            return
         for b in range(self.latest.shape[0]):
-            self.memory[self.order.lane_of(it, b)] = {
+            lane = self.order.lane_of(it, b)
+            if lane is None:                        # shuffled warm-up: nothing to hand on
+                continue
+            self.memory[lane] = {
                 'bev': self.latest[b], 'can_bus': view['can_bus'][b].detach().cpu().float(),
                 'index': int(batch['index'][b]), 'scene': batch['scene_token'][b]}
         self.latest = None
