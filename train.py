@@ -52,7 +52,7 @@ import data
 import distill
 import evaluate
 import models
-from common import InputError, keep_freed_memory, save_checkpoint, streams
+from common import InputError, autocast, cpu_has_bf16, keep_freed_memory, save_checkpoint, streams
 
 DEFAULT_DATAROOT = 'data/synthetic'
 # the value that reproduces the behaviour before each flag existed (resuming an older checkpoint)
@@ -146,7 +146,8 @@ def make_parser():
     g.add_argument('--no-eval', action='store_true', help='skip the final evaluation')
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu', 'cuda'")
-    g.add_argument('--amp', action='store_true', help='fp16 autocast and loss scaling (CUDA only; ignored on CPU)')
+    g.add_argument('--amp', action='store_true', help='mixed precision: fp16 autocast and loss scaling on CUDA, '
+                   'bfloat16 autocast on the CPU (faster only where the CPU has bfloat16 units, e.g. AVX512-BF16)')
     g.add_argument('--threads', type=int, default=0,
                    help='torch CPU threads per process (0: torch\'s default, or CPUs / processes under torchrun; '
                         '1 is faster on a machine shared with other jobs)')
@@ -595,7 +596,7 @@ def make_loader(train_set, args, cfg, rank, world, start, total):
                       generator=torch.Generator(), worker_init_fn=ignore_sigint)
 
 
-def make_optimizer(args, model, trained, use_amp):
+def make_optimizer(args, model, trained, use_amp, device):
     """(optimizer, scaler, params). AdamW over the trainable parameters of `trained` (the model, or the
     distiller: the apprentice plus the distiller's own parts) in two groups, the backbone's at
     --backbone-lr-mult times the lr (the official configs: paramwise_cfg img_backbone lr_mult=0.1);
@@ -618,7 +619,7 @@ def make_optimizer(args, model, trained, use_amp):
                    {'params': [p for p in rest if id(p) in point_ids], 'lr_mult': args.points_lr_mult}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
                                   fused=True)   # one fused kernel: ~10 ms less a CPU step
-    return optimizer, torch.amp.GradScaler('cuda', enabled=use_amp), params
+    return optimizer, torch.amp.GradScaler('cuda', enabled=use_amp and device.type == 'cuda'), params
 
 
 def start_log(log_path, resumed, start):
@@ -668,9 +669,10 @@ def setup_run(args, explicit):
     say = print if rank == 0 else (lambda *a, **k: None)      # the other ranks stay silent
     args, ckpt = resolve_args(args, explicit)
     set_threads(args.threads, world)
-    use_amp = args.amp and device.type == 'cuda'
-    if args.amp and not use_amp:
-        say('note: --amp is ignored on the CPU (autocast only pays off on CUDA)')
+    use_amp = args.amp
+    if use_amp and device.type == 'cpu' and not cpu_has_bf16():
+        say('note: --amp on this CPU is bfloat16 autocast without native bfloat16 support: expect it slower '
+            'than float32')
     cfg = run_config(args, ckpt)
     args.model = cfg.name
     if not args.out:
@@ -687,7 +689,7 @@ def setup_run(args, explicit):
     per_epoch, total = count_iterations(args, len(train_set), world)
     start = ckpt['iter'] if ckpt is not None else 0
     loader = make_loader(train_set, args, cfg, rank, world, start, total)
-    optimizer, scaler, params = make_optimizer(args, model, trained, use_amp)
+    optimizer, scaler, params = make_optimizer(args, model, trained, use_amp, device)
     stream = BEVStream(model, loader.batch_sampler) if streams(cfg) else None
     run = Run(args=args, cfg=cfg, rank=rank, world=world, device=device, use_amp=use_amp, say=say, model=model,
               distiller=distiller, net=net, params=params, optimizer=optimizer, scaler=scaler, val_set=val_set,
@@ -795,7 +797,7 @@ def train_step(run, batch, it, lr, ctrl_c):
     before any weight changes, and a Ctrl-C on any of them stops all after this step."""
     for group in run.optimizer.param_groups:
         group['lr'] = lr * group['lr_mult']
-    with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.use_amp):
+    with autocast(run.device, run.use_amp):
         if run.distiller is not None:
             losses = run.net(batch)              # the distiller's forward returns the loss dict
         else:

@@ -8,6 +8,7 @@ run in seconds; the smoke tests run the real `cpu-tiny`.
 """
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -282,13 +283,37 @@ def test_checkpoint_is_plain_and_stores_the_overridden_config(world, stand_in, t
     assert not any(f.endswith('.tmp') for f in os.listdir(out))
 
 
+def test_amp_on_the_cpu_trains_in_bfloat16_with_float32_weights(world, tmp_path, monkeypatch):
+    """--amp on the CPU: the convolutions and matmuls of the training forward run in bfloat16 (autocast), no
+    loss scaler, and the weights, the optimiser state and the logged loss stay float32 and finite."""
+    dtypes = []
+    plain_build = models.build_model
+
+    def build(cfg):
+        model = plain_build(cfg)
+        model.backbone.register_forward_hook(lambda m, a, out: dtypes.append(out[-1].dtype) if m.training else None)
+        return model
+
+    monkeypatch.setattr(models, 'build_model', build)
+    out = str(tmp_path / 'run')
+    assert run_train(['--amp', '--dataroot', world, '--iters', '2', '--warmup', '1', '--log-every', '1',
+                      '--workers', '0', '--no-eval', '--threads', '1', '--out', out] + SMALLER) == 0
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    ckpt = _weights(os.path.join(out, 'last.pt'))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all()
+               for v in ckpt['model'].values() if v.is_floating_point())
+    assert not ckpt['scaler']                                  # disabled: nothing to scale in bfloat16
+    rows = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    assert all(math.isfinite(r['loss']) for r in rows if 'loss' in r)
+
+
 @pytest.mark.parametrize('mult', [1.0, 0.1])
 def test_points_lr_mult_gives_the_point_layers_their_own_lr(mult):
     """--points-lr-mult: reference_points and every sampling_offsets layer (TSA, SCA, decoder) in a group of
     their own at that multiple; at 1.0 the two groups of before, in the model's parameter order."""
     model = models.build_model(models.preset_config('cpu-tiny'))
     args = train.make_parser().parse_args(['--points-lr-mult', str(mult)])
-    optimizer, _, params = train.make_optimizer(args, model, model, use_amp=False)
+    optimizer, _, params = train.make_optimizer(args, model, model, False, torch.device('cpu'))
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g['params']] for g in optimizer.param_groups]
     assert sorted(n for g in groups for n in g) == sorted(names.values())       # each parameter once
