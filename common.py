@@ -34,19 +34,9 @@ def streams(cfg):
     return getattr(cfg, 'history_draw', None) == 'stream' and cfg.queue_length > 1
 
 
-def autocast(device, enabled):
-    """--amp's mixed precision: float16 autocast on CUDA (train.py adds the loss scaler it needs) and
-    bfloat16 autocast on the CPU (float32's range, so no scaler). Convolutions and matmuls run in the low
-    precision; the weights, the optimiser, the deformable-attention op (ops.msda) and the autocast's
-    float32 ops (norms, softmax, the losses' reductions) stay float32."""
-    device_type = torch.device(device).type
-    dtype = torch.float16 if device_type == 'cuda' else torch.bfloat16
-    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
-
-
 def cpu_has_bf16():
     """True where oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX); elsewhere bfloat16 is
-    emulated and --amp on the CPU is slower than float32."""
+    emulated and --amp's bfloat16 image CNN on the CPU (`BEVFormer.cnn_bf16`) is slower than float32."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -45,7 +45,7 @@ import data
 import bevformer
 import distill
 import models
-from common import autocast, keep_freed_memory, streams
+from common import keep_freed_memory, streams
 from data import InputError
 
 # ------------------------------------------------------------------------------------------------
@@ -776,11 +776,9 @@ def count_flops(model, batch):
     return {'gmacs': gmacs, 'gflops': 2 * gmacs, 'msda_gmacs': msda_macs[0] / 1e9, 'dcn_gmacs': dcn_macs[0] / 1e9}
 
 
-def _train_step(model, batch, opt, amp=False):
-    """One training iteration as train.py runs it: forward, loss, backward, AdamW step (under --amp's
-    bfloat16 autocast if `amp`)."""
-    with autocast('cpu', amp):
-        loss = sum(model.loss(model(batch), batch).values())
+def _train_step(model, batch, opt):
+    """One training iteration as train.py runs it: forward, loss, backward, AdamW step."""
+    loss = sum(model.loss(model(batch), batch).values())
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -799,18 +797,17 @@ def step_setup(cfg, seed=0, lib=None):
     return model, batch, opt
 
 
-def train_step_times(setups, iters=3, threads=2, amps=None):
-    """Median (wall, CPU) seconds of one training iteration for each of `setups` (`step_setup` results;
-    amps[k]: setup k under bfloat16 autocast), run in turn step by step (A B C A B C ...) so that a drift
+def train_step_times(setups, iters=3, threads=2):
+    """Median (wall, CPU) seconds of one training iteration for each of `setups` (`step_setup` results),
+    run in turn step by step (A B C A B C ...) so that a drift
     of the machine's speed reaches every row alike. The CPU time (all threads) bounds an idle machine's
     wall time from above and barely moves when other processes share the cores."""
     torch.set_num_threads(threads)
     times = [[] for _ in setups]
-    amps = amps or [False] * len(setups)
     for i in range(iters + 1):                                   # the first round warms up
         for k, (model, batch, opt) in enumerate(setups):
             t, c = time.perf_counter(), time.process_time()
-            _train_step(model, batch, opt, amps[k])
+            _train_step(model, batch, opt)
             if i:
                 times[k].append((time.perf_counter() - t, time.process_time() - c))
     return [tuple(float(v) for v in np.median(np.array(ts), 0)) for ts in times]
@@ -985,7 +982,7 @@ def frame_costs(presets, threads):
 
 def bench(presets, step_presets, iters=3, threads=2, before=None, amp=False):
     """Print parameters and multiply-adds of one frame for `presets`, and the CPU training step of
-    `step_presets` (names of either detector; with `amp` each also under --amp's bfloat16 autocast)."""
+    `step_presets` (names of either detector; with `amp` each also with --amp's bfloat16 image CNN)."""
     torch.set_num_threads(threads)
     if presets:
         frame_costs(presets, threads)
@@ -996,15 +993,16 @@ def bench(presets, step_presets, iters=3, threads=2, before=None, amp=False):
         lib = import_checkout(before)
         known = [n for n in step_presets if any(n in m.PRESETS for m in lib[0].DETECTORS.values())]
         rows = [('before ', n, lib[0].preset_config(n), lib) for n in known] + rows
-    if amp:                                      # this tree's rows once more, under bfloat16 autocast
+    if amp:                                      # this tree's rows once more, the image CNN in bfloat16
         rows += [('bf16 ', name, cfg, None) for tag, name, cfg, lib in rows if lib is None]
     print(f'# CPU training step (batch 1 with its own history frames, forward+loss+backward+AdamW, '
           f'{threads} threads, median of {iters} after 1 warm-up; the rows run in turn step by step)'
           + (f"\n# 'before': the code of {before} (its plain AdamW; the allocator setting is this "
              f'process\'s for both)' if before else ''))
     setups = [step_setup(cfg, lib=lib) for _, _, cfg, lib in rows]
-    amps = [tag == 'bf16 ' for tag, *_ in rows]
-    for (tag, name, cfg, _), (wall, cpu) in zip(rows, train_step_times(setups, iters, threads, amps)):
+    for (tag, *_), (model, _, _) in zip(rows, setups):
+        model.cnn_bf16 = tag == 'bf16 '
+    for (tag, name, cfg, _), (wall, cpu) in zip(rows, train_step_times(setups, iters, threads)):
         print(f'{tag + name:<23} queue {cfg.queue_length}: {wall * 1000:6.0f} ms/iter wall, {cpu * 1000:6.0f} ms CPU',
               flush=True)
 
@@ -1119,10 +1117,11 @@ def speed(model, cfg, device, amp=False, warmup=3, runs=10):
     can_bus, img_shape = batch['can_bus'][0].to(device), tuple(batch['img_shape'][0].tolist())
     params = sum(p.numel() for p in model.parameters())
     model.eval()
-    dtype = ('fp16 autocast' if device.type == 'cuda' else 'bf16 autocast') if amp else 'fp32'
+    dtype = ('fp16 autocast' if device.type == 'cuda' else 'image CNN in bf16') if amp else 'fp32'
+    model.cnn_bf16 = amp and device.type == 'cpu'
 
     def step(state):
-        with torch.no_grad(), autocast(device, amp):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == 'cuda'):
             return model.predict(img, l2i, can_bus=can_bus, state=state, img_shape=img_shape,
                                  scene_token='speed')['state']
 
@@ -1215,8 +1214,8 @@ def get_args(argv=None):
     g.add_argument('--threads', type=int, default=2, help='with --bench or --bench-distill: torch CPU threads')
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
-    g.add_argument('--amp', action='store_true', help='with --speed: fp16 autocast on CUDA, bfloat16 on the CPU; '
-                   'with --bench: each --steps row also under bfloat16 autocast')
+    g.add_argument('--amp', action='store_true', help='with --speed: fp16 autocast on CUDA, the image CNN in bfloat16 '
+                   'on the CPU; with --bench: each --steps row also with the image CNN in bfloat16')
     return p.parse_args(argv)
 
 

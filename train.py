@@ -52,7 +52,7 @@ import data
 import distill
 import evaluate
 import models
-from common import InputError, autocast, cpu_has_bf16, keep_freed_memory, save_checkpoint, streams
+from common import InputError, cpu_has_bf16, keep_freed_memory, save_checkpoint, streams
 
 DEFAULT_DATAROOT = 'data/synthetic'
 # the value that reproduces the behaviour before each flag existed (resuming an older checkpoint)
@@ -146,8 +146,8 @@ def make_parser():
     g.add_argument('--no-eval', action='store_true', help='skip the final evaluation')
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu', 'cuda'")
-    g.add_argument('--amp', action='store_true', help='mixed precision: fp16 autocast and loss scaling on CUDA, '
-                   'bfloat16 autocast on the CPU (faster only where the CPU has bfloat16 units, e.g. AVX512-BF16)')
+    g.add_argument('--amp', action='store_true', help='mixed precision: fp16 autocast and loss scaling on CUDA; on '
+                   'the CPU the image CNN alone in bfloat16 (faster only with bfloat16 units: AVX512-BF16, AMX)')
     g.add_argument('--threads', type=int, default=0,
                    help='torch CPU threads per process (0: torch\'s default, or CPUs / processes under torchrun; '
                         '1 is faster on a machine shared with other jobs)')
@@ -671,8 +671,8 @@ def setup_run(args, explicit):
     set_threads(args.threads, world)
     use_amp = args.amp
     if use_amp and device.type == 'cpu' and not cpu_has_bf16():
-        say('note: --amp on this CPU is bfloat16 autocast without native bfloat16 support: expect it slower '
-            'than float32')
+        say('note: --amp on this CPU runs the image CNN in bfloat16 without native bfloat16 support: expect it '
+            'slower than float32')
     cfg = run_config(args, ckpt)
     args.model = cfg.name
     if not args.out:
@@ -682,6 +682,9 @@ def setup_run(args, explicit):
     seed_generators(args.seed + rank)
     model = make_model(args, cfg, ckpt, device, say)
     distiller, load_view, apprentice_view = make_distiller(args, cfg, model, ckpt, device)
+    if use_amp and device.type == 'cpu':       # the image CNNs in bfloat16, the rest float32 (CUDA: fp16 autocast)
+        for m in [model] + ([distiller.expert] if distiller is not None else []):
+            m.cnn_bf16 = True
     trained = distiller if distiller is not None else model
     net = wrap_for_ddp(trained, world, device)
     args.version = prepare_dataroot(args, rank, world, say)    # stored resolved in the checkpoint's args
@@ -797,7 +800,7 @@ def train_step(run, batch, it, lr, ctrl_c):
     before any weight changes, and a Ctrl-C on any of them stops all after this step."""
     for group in run.optimizer.param_groups:
         group['lr'] = lr * group['lr_mult']
-    with autocast(run.device, run.use_amp):
+    with torch.autocast('cuda', dtype=torch.float16, enabled=run.use_amp and run.device.type == 'cuda'):
         if run.distiller is not None:
             losses = run.net(batch)              # the distiller's forward returns the loss dict
         else:
