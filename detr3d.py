@@ -156,7 +156,8 @@ class Detr3DCrossAtten(nn.Module):
 class DETR3D(nn.Module):
     """The DETR3D detector: forward(batch) -> {'fpn', 'dec'} (see forward), loss(out, batch) -> dict of
     scalars, decode(out) -> boxes per sample, predict(...) for one sample from raw images."""
-    # Shared with BEVFormer unchanged (they read only cfg, backbone, neck, grid_mask and out['dec']):
+    # Shared with BEVFormer unchanged (they read only cfg, backbone, neck, grid_mask, cnn_bf16 and out['dec']):
+    cnn_bf16 = BEVFormer.cnn_bf16               # --amp on the CPU: the image CNN in bfloat16
     extract_feats = BEVFormer.extract_feats     # images [B, N, 3, Hp, Wp] -> list over L of [B, N, C, h, w]
     loss = BEVFormer.loss                       # every decoder layer: loss_{cls,bbox}_i (official Detr3DHead.loss)
     decode = BEVFormer.decode                   # NMS-free top-k of the last layer (official NMSFreeCoder)

@@ -799,9 +799,9 @@ def step_setup(cfg, seed=0, lib=None):
 
 def train_step_times(setups, iters=3, threads=2):
     """Median (wall, CPU) seconds of one training iteration for each of `setups` (`step_setup` results),
-    run in turn step by step (A B C A B C ...) so that a drift
-    of the machine's speed reaches every row alike. The CPU time (all threads) bounds an idle machine's
-    wall time from above and barely moves when other processes share the cores."""
+    run in turn step by step (A B C A B C ...) so that a drift of the machine's speed reaches every row
+    alike. The CPU time (all threads) bounds an idle machine's wall time from above and barely moves
+    when other processes share the cores."""
     torch.set_num_threads(threads)
     times = [[] for _ in setups]
     for i in range(iters + 1):                                   # the first round warms up

@@ -864,13 +864,18 @@ def log_means(run, window, it, lr):
 
 def evaluate_now(run, out_dir, quiet):
     """Metrics of the current weights on val (all ranks share the work); training RNG states are left
-    untouched, so evaluating does not change the run."""
-    saved = rng_state()
-    with open(os.devnull, 'w') as devnull, \
-            (contextlib.redirect_stdout(devnull) if quiet else contextlib.nullcontext()):
-        summary = evaluate.evaluate_split(run.model, run.val_set, out_dir, run.device,
-                                          evaluate.eval_set_name(run.args.version, 'val'), run.rank, run.world,
-                                          workers=min(run.args.workers, 1), progress=not quiet)
+    untouched, so evaluating does not change the run. In float32 even under --amp on the CPU, so that
+    `evaluate.py --ckpt` gives the same numbers."""
+    saved, cnn_bf16 = rng_state(), run.model.cnn_bf16
+    run.model.cnn_bf16 = False
+    try:
+        with open(os.devnull, 'w') as devnull, \
+                (contextlib.redirect_stdout(devnull) if quiet else contextlib.nullcontext()):
+            summary = evaluate.evaluate_split(run.model, run.val_set, out_dir, run.device,
+                                              evaluate.eval_set_name(run.args.version, 'val'), run.rank, run.world,
+                                              workers=min(run.args.workers, 1), progress=not quiet)
+    finally:
+        run.model.cnn_bf16 = cnn_bf16
     set_rng_state(saved)
     return summary
 

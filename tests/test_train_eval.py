@@ -286,13 +286,14 @@ def test_checkpoint_is_plain_and_stores_the_overridden_config(world, stand_in, t
 def test_amp_on_the_cpu_runs_the_image_cnn_in_bfloat16_and_the_rest_in_float32(world, tmp_path, monkeypatch):
     """--amp on the CPU: the image CNN of the training forward runs in bfloat16, the BEV encoder, decoder and
     loss in float32 (in bfloat16 they cost orientation: docs/benchmarks.md), there is no loss scaler, and
-    the weights and the logged loss stay float32 and finite."""
-    dtypes = []
+    the weights and the logged loss stay float32 and finite; the run's evaluation is float32, as
+    `evaluate.py --ckpt` is."""
+    dtypes, evals = [], []
     plain_build = models.build_model
 
     def build(cfg):
         model = plain_build(cfg)
-        model.backbone.register_forward_hook(lambda m, a, out: dtypes.append(out[-1].dtype) if m.training else None)
+        model.backbone.register_forward_hook(lambda m, a, out: (dtypes if m.training else evals).append(out[-1].dtype))
         model.register_forward_hook(lambda m, a, out: dtypes.append(out['bev_seq'].dtype) if m.training else None)
         return model
 
@@ -307,6 +308,11 @@ def test_amp_on_the_cpu_runs_the_image_cnn_in_bfloat16_and_the_rest_in_float32(w
     assert not ckpt['scaler']                                  # disabled: nothing to scale in bfloat16
     rows = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
     assert all(math.isfinite(r['loss']) for r in rows if 'loss' in r)
+    # the run's evaluation: float32
+    dtypes.clear()
+    assert run_train(['--amp', '--dataroot', world, '--iters', '1', '--warmup', '1', '--workers', '0',
+                      '--threads', '1', '--out', str(tmp_path / 'eval')] + SMALLER) == 0
+    assert dtypes == [torch.bfloat16, torch.float32] and evals and set(evals) == {torch.float32}
     # without --amp the image CNN stays float32
     dtypes.clear()
     assert run_train(['--dataroot', world, '--iters', '1', '--warmup', '1', '--workers', '0', '--no-eval',
