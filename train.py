@@ -866,7 +866,7 @@ def evaluate_now(run, out_dir, quiet):
     """Metrics of the current weights on val (all ranks share the work); training RNG states are left
     untouched, so evaluating does not change the run. In float32 even under --amp on the CPU, so that
     `evaluate.py --ckpt` gives the same numbers."""
-    saved, cnn_bf16 = rng_state(), run.model.cnn_bf16
+    saved, cnn_bf16 = rng_state(), getattr(run.model, 'cnn_bf16', False)   # (a stand-in model has none)
     run.model.cnn_bf16 = False
     try:
         with open(os.devnull, 'w') as devnull, \
