@@ -670,9 +670,6 @@ def setup_run(args, explicit):
     args, ckpt = resolve_args(args, explicit)
     set_threads(args.threads, world)
     use_amp = args.amp
-    if use_amp and device.type == 'cpu' and not cpu_has_bf16():
-        say('note: --amp on this CPU runs the image CNN in bfloat16 without native bfloat16 support: expect it '
-            'slower than float32')
     cfg = run_config(args, ckpt)
     args.model = cfg.name
     if not args.out:
@@ -685,6 +682,9 @@ def setup_run(args, explicit):
     if use_amp and device.type == 'cpu':       # the image CNNs in bfloat16, the rest float32 (CUDA: fp16 autocast)
         for m in [model] + ([distiller.expert] if distiller is not None else []):
             m.cnn_bf16 = True
+        if not cpu_has_bf16():
+            say('note: --amp on this CPU runs the image CNN in bfloat16 without native bfloat16 support: expect '
+                'it slower than float32')
     trained = distiller if distiller is not None else model
     net = wrap_for_ddp(trained, world, device)
     args.version = prepare_dataroot(args, rank, world, say)    # stored resolved in the checkpoint's args
