@@ -596,7 +596,7 @@ def make_loader(train_set, args, cfg, rank, world, start, total):
                       generator=torch.Generator(), worker_init_fn=ignore_sigint)
 
 
-def make_optimizer(args, model, trained, use_amp, device):
+def make_optimizer(args, model, trained, use_amp):
     """(optimizer, scaler, params). AdamW over the trainable parameters of `trained` (the model, or the
     distiller: the apprentice plus the distiller's own parts) in two groups, the backbone's at
     --backbone-lr-mult times the lr (the official configs: paramwise_cfg img_backbone lr_mult=0.1);
@@ -619,7 +619,7 @@ def make_optimizer(args, model, trained, use_amp, device):
                    {'params': [p for p in rest if id(p) in point_ids], 'lr_mult': args.points_lr_mult}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
                                   fused=True)   # one fused kernel: ~10 ms less a CPU step
-    return optimizer, torch.amp.GradScaler('cuda', enabled=use_amp and device.type == 'cuda'), params
+    return optimizer, torch.amp.GradScaler('cuda', enabled=use_amp), params
 
 
 def start_log(log_path, resumed, start):
@@ -669,7 +669,7 @@ def setup_run(args, explicit):
     say = print if rank == 0 else (lambda *a, **k: None)      # the other ranks stay silent
     args, ckpt = resolve_args(args, explicit)
     set_threads(args.threads, world)
-    use_amp = args.amp
+    use_amp = args.amp and device.type == 'cuda'       # fp16 autocast and the loss scaler
     cfg = run_config(args, ckpt)
     args.model = cfg.name
     if not args.out:
@@ -679,7 +679,7 @@ def setup_run(args, explicit):
     seed_generators(args.seed + rank)
     model = make_model(args, cfg, ckpt, device, say)
     distiller, load_view, apprentice_view = make_distiller(args, cfg, model, ckpt, device)
-    if use_amp and device.type == 'cpu':       # the image CNNs in bfloat16, the rest float32 (CUDA: fp16 autocast)
+    if args.amp and device.type == 'cpu':      # the image CNNs in bfloat16, the rest float32
         for m in [model] + ([distiller.expert] if distiller is not None else []):
             m.cnn_bf16 = True
         if not cpu_has_bf16():
@@ -692,7 +692,7 @@ def setup_run(args, explicit):
     per_epoch, total = count_iterations(args, len(train_set), world)
     start = ckpt['iter'] if ckpt is not None else 0
     loader = make_loader(train_set, args, cfg, rank, world, start, total)
-    optimizer, scaler, params = make_optimizer(args, model, trained, use_amp, device)
+    optimizer, scaler, params = make_optimizer(args, model, trained, use_amp)
     stream = BEVStream(model, loader.batch_sampler) if streams(cfg) else None
     run = Run(args=args, cfg=cfg, rank=rank, world=world, device=device, use_amp=use_amp, say=say, model=model,
               distiller=distiller, net=net, params=params, optimizer=optimizer, scaler=scaler, val_set=val_set,
@@ -800,7 +800,7 @@ def train_step(run, batch, it, lr, ctrl_c):
     before any weight changes, and a Ctrl-C on any of them stops all after this step."""
     for group in run.optimizer.param_groups:
         group['lr'] = lr * group['lr_mult']
-    with torch.autocast('cuda', dtype=torch.float16, enabled=run.use_amp and run.device.type == 'cuda'):
+    with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.use_amp):
         if run.distiller is not None:
             losses = run.net(batch)              # the distiller's forward returns the loss dict
         else:

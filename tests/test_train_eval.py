@@ -326,7 +326,7 @@ def test_points_lr_mult_gives_the_point_layers_their_own_lr(mult):
     their own at that multiple; at 1.0 the two groups of before, in the model's parameter order."""
     model = models.build_model(models.preset_config('cpu-tiny'))
     args = train.make_parser().parse_args(['--points-lr-mult', str(mult)])
-    optimizer, _, params = train.make_optimizer(args, model, model, False, torch.device('cpu'))
+    optimizer, _, params = train.make_optimizer(args, model, model, use_amp=False)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g['params']] for g in optimizer.param_groups]
     assert sorted(n for g in groups for n in g) == sorted(names.values())       # each parameter once
