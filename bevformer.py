@@ -753,9 +753,9 @@ class BEVFormerConfig(DetectorConfig):
 
 class BEVFormer(nn.Module):
     # --amp on the CPU (train.py, evaluate.py --speed/--bench) sets this: the image CNN alone runs under
-    # bfloat16 autocast (12-20 % off a benchmarked cpu-tiny step where the CPU has bfloat16 units, though
-    # whole runs were not faster so far); with the whole forward in bfloat16 the default run's mAOE rose
-    # from 0.62 to 0.93 (docs/benchmarks.md)
+    # bfloat16 autocast (14-20 % off a benchmarked cpu-tiny step where the CPU has bfloat16 units, though
+    # whole runs were not faster so far); with the whole forward in bfloat16 the single-frame run's mAOE
+    # rose from 0.62 to 0.93 (docs/benchmarks.md)
     cnn_bf16 = False
 
     def __init__(self, cfg):
@@ -1090,7 +1090,7 @@ _OFFICIAL = dict(embed_dims=256, ffn_dims=512, num_heads=8, enc_layers=3, dec_la
 FROM_SCRATCH = dict(frozen_stages=-1, backbone_norm_eval=False, backbone_bn_frozen=False)
 
 
-# the default model's architecture (cpu-tiny and its temporal twins cpu-tiny-temporal and cpu-tiny-stream)
+# the default model's architecture (cpu-tiny, its single-frame twin cpu-tiny-single and cpu-tiny-stream)
 _CPU_TINY = dict(backbone_depth=18, backbone_style='pytorch', backbone_width=32, backbone_out=(1, 2), fpn_levels=2,
                  embed_dims=128, ffn_dims=256, num_heads=8, bev_h=50, bev_w=50, enc_layers=1, dec_layers=3,
                  num_query=300, grid_mask=False, dropout=0.0, **FROM_SCRATCH)
@@ -1126,29 +1126,29 @@ PRESETS = {
     # CPU-sized apprentice/expert pair for the synthetic world (400x225 images). The expert keeps
     # the paper's relation where a CPU can afford it: bigger backbone, twice the input resolution,
     # more encoder layers, same width; its FPN levels (strides 16, 32 at full size) match the
-    # apprentice's (strides 8, 16 at half size). Both are single-frame with a 50x50 BEV: at 100x100
-    # the expert's step took 3.9 CPU s instead of 1.2 (its forward, run in every distillation step,
-    # 1.6 instead of 0.45), which put the miniature table at ~40 CPU hours, and BEV generation on its
-    # grid cost the apprentice's whole step; the upsampler for unequal BEV grids is used by the paper's
-    # pairs (200x200 -> 100x100) and tested on its own. GridMask and dropout off: a 20-minute CPU run
-    # underfits, and dropout alone cost ~10 % of a step in the profile. cpu-tiny has one encoder
-    # layer: an encoder layer cost a third of its CPU step, and the iterations it buys learn more in the
-    # 20-minute default run (docs/experiments.md).
+    # apprentice's (strides 8, 16 at half size). Both have a 50x50 BEV: at 100x100 the expert's step took
+    # 3.9 CPU s instead of 1.2 (its forward, run in every distillation step, 1.6 instead of 0.45), which put
+    # the miniature table at ~40 CPU hours, and BEV generation on its grid cost the apprentice's whole step;
+    # the upsampler for unequal BEV grids is used by the paper's pairs (200x200 -> 100x100) and tested on
+    # its own. GridMask and dropout off: a short CPU run underfits, and dropout alone cost ~10 % of a step
+    # in the profile. cpu-tiny has one encoder layer: an encoder layer cost a third of its CPU step, and the
+    # iterations it buys learn more in the default run (docs/experiments.md).
     # They train from scratch: nothing frozen and BatchNorm trained on batch statistics (the
     # official frozen stem/layer1 and frozen BN only make sense for a pretrained ResNet). No photometric
     # distortion (the field's default): on the default run it measured NDS 0.326 / mAP 0.156 against
     # 0.338 / 0.183 without (four runs each, docs/experiments.md).
-    'cpu-tiny': BEVFormerConfig(name='cpu-tiny', image_size=(200, 113), normalisation='rgb', queue_length=1,
+    # cpu-tiny, the default run's model, is temporal with BEVFormer's recipe: one history frame drawn from
+    # the previous two, run without gradient in eval mode in every step, and TSA over its ego-motion-aligned
+    # BEV; at test time the BEV chain runs through each scene (issue 18; docs/experiments.md "The temporal
+    # default"). cpu-tiny-single is the same detector on one frame (the miniature table's apprentice and
+    # the single-frame comparison). cpu-tiny-stream: the previous BEV is streamed (history_draw 'stream',
+    # ours): training walks 32 scenes frame by frame in turn and hands each frame the BEV its scene's
+    # previous frame got, so no history frame is run (docs/official-differences.md "Training set and
+    # history"); it trained worse than both.
+    'cpu-tiny': BEVFormerConfig(name='cpu-tiny', image_size=(200, 113), normalisation='rgb', queue_length=2,
                                 **_CPU_TINY),
-    # The temporal candidates for the default run (issue 18, not there yet; docs/experiments.md "The
-    # temporal candidates"): cpu-tiny with TSA over the aligned previous BEV in training and at test time.
-    # cpu-tiny-temporal: BEVFormer's recipe, one history frame drawn from the previous two and run without
-    # gradient in every step (321 ms a step against 252). cpu-tiny-stream: the previous BEV is streamed
-    # (history_draw 'stream', ours): training walks 32 scenes frame by frame in turn and hands each frame
-    # the BEV its scene's previous frame got, so no history frame is run (263 ms a step;
-    # docs/official-differences.md "Training set and history").
-    'cpu-tiny-temporal': BEVFormerConfig(name='cpu-tiny-temporal', image_size=(200, 113), normalisation='rgb',
-                                         queue_length=2, **_CPU_TINY),
+    'cpu-tiny-single': BEVFormerConfig(name='cpu-tiny-single', image_size=(200, 113), normalisation='rgb',
+                                       queue_length=1, **_CPU_TINY),
     'cpu-tiny-stream': BEVFormerConfig(name='cpu-tiny-stream', image_size=(200, 113), normalisation='rgb',
                                        queue_length=2, history_draw='stream', **_CPU_TINY),
     'cpu-base': BEVFormerConfig(name='cpu-base', image_size=(400, 225), normalisation='rgb', queue_length=1,

@@ -681,7 +681,7 @@ def main(argv=None):
     b.add_argument('--split', default='train', help='train or val')
     b.add_argument('--image-size', type=int, nargs=2, default=(200, 113), metavar=('W', 'H'),
                    help='resize target (default 200 113: the cpu-tiny apprentice input)')
-    b.add_argument('--queue-length', type=int, default=3, help='frames per sample (default 3, cpu-tiny)')
+    b.add_argument('--queue-length', type=int, default=3, help='frames per sample (default 3; cpu-tiny trains with 2)')
     b.add_argument('--samples', type=int, default=40, help='samples timed per setting')
     b.add_argument('--warmup', type=int, default=3, help='samples loaded before timing')
     c = sub.add_parser('picture', help="one sample's six cameras as a PNG mosaic")

@@ -6,7 +6,7 @@
     python evaluate.py --ckpt X.pt --vis-attention 2                      # TSA/SCA/decoder sampling points
     python evaluate.py --speed --model cpu-tiny [--ckpt X.pt]             # latency, FPS, params, GFLOPs
     python evaluate.py --bench                                            # params, GMACs, CPU step per preset
-    python evaluate.py --profile-step cpu-tiny [--set queue_length=2]     # one CPU step, part by part
+    python evaluate.py --profile-step cpu-tiny [--set queue_length=1]     # one CPU step, part by part
     python evaluate.py --bench-distill cpu [--device cuda]                # one FD3D step, part by part
     python evaluate.py --ckpt A.pt --vis-focal 4 [--teacher E.pt]         # FD3D focal areas under OUT/vis_focal/
     python evaluate.py --ckpt X.pt --dataroot /data/nuscenes --version v1.0-test --split test --format-only
@@ -1008,7 +1008,7 @@ def bench(presets, step_presets, iters=3, threads=2, before=None, amp=False):
 
 
 # FD3D training step, part by part (`python evaluate.py --bench-distill PAIR`): expert -> apprentice presets
-DISTILL_PAIRS = {'cpu': ('cpu-base', 'cpu-tiny'), 'paper-tiny': ('base-r101', 'fd3d-tiny'),
+DISTILL_PAIRS = {'cpu': ('cpu-base', 'cpu-tiny-single'), 'paper-tiny': ('base-r101', 'fd3d-tiny'),
                  'paper-small': ('base', 'fd3d-small'), 'detr3d-cpu': ('detr3d-cpu-base', 'detr3d-cpu-tiny'),
                  'detr3d-paper': ('detr3d-r101', 'detr3d-r50')}
 DISTILL_PARTS = [('inputs', 'inputs (apprentice downscale)'), ('expert_fwd', 'expert forward (no grad)'),
@@ -1198,9 +1198,9 @@ def get_args(argv=None):
                    'time of --steps (no data, no checkpoint)')
     g.add_argument('--presets', default='tiny,small,base,fd3d-tiny,fd3d-small,base-r101,cpu-tiny,cpu-base,'
                    'detr3d-r101,detr3d-r50,detr3d-cpu-tiny,detr3d-cpu-base', help='with --bench: the cost table')
-    g.add_argument('--steps', default='cpu-tiny,cpu-tiny-temporal,cpu-tiny-stream,cpu-base,detr3d-cpu-tiny,'
+    g.add_argument('--steps', default='cpu-tiny,cpu-tiny-single,cpu-tiny-stream,cpu-base,detr3d-cpu-tiny,'
                    'detr3d-cpu-base', help='with --bench: presets whose CPU training step is timed (the single-frame '
-                   'cpu-tiny beside its temporal twins)')
+                   'the temporal cpu-tiny beside its single-frame and streamed twins)')
     g.add_argument('--before', metavar='DIR', help='with --bench: also time the --steps presets of another '
                    'checkout of this project (e.g. `git worktree add /tmp/old HEAD~3`), in turn with ours')
     g.add_argument('--bench-distill', metavar='PAIR', choices=sorted(DISTILL_PAIRS),

@@ -143,14 +143,14 @@ def plan_jobs(out, families, iters, expert_iters, only=None):
 def run_table(out='runs/table', dataroot='data/table_world', iters=2000, expert_iters=4000, runs=TABLE_RUNS,
               runner=run_subprocess, only=None, version=TABLE_WORLD['version'], detr3d_runs=(), threads=0,
               parallel=1):
-    """The paper's table in miniature (expert cpu-base, apprentice cpu-tiny; with detr3d_runs also the
+    """The paper's table in miniature (expert cpu-base, apprentice cpu-tiny-single; with detr3d_runs also the
     DETR3D family), resumable: a run whose row is in OUT/table.csv is skipped; an interrupted run
     continues from its last.pt (`train.py --resume`); every finished run appends its row at once, so the
     command can run in parts. `parallel` train.py runs go at a time (an apprentice only once its expert's
     row is written); after a failure nothing new starts, the runs still going keep their rows, and a
     RuntimeError names the failed run's log. `runner(cmd, log_path) -> (code, last line)` runs one
     command (tests pass a stand-in). -> the CSV rows (dicts of strings)."""
-    families = [('cpu-base', 'cpu-tiny', runs)]
+    families = [('cpu-base', 'cpu-tiny-single', runs)]  # the single-frame apprentice the rows were run with
     if detr3d_runs:  # a second family (detr3d.py) with its own expert, trained first
         families.append(('detr3d-cpu-base', 'detr3d-cpu-tiny', detr3d_runs))
     unknown = sorted(set(only or ()) - {r[0] for family in families for r in family[2]})

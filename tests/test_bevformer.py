@@ -22,8 +22,8 @@ from data import InputError
 
 
 def small_cfg(**kw):
-    """cpu-tiny shrunk so that a forward takes well under a second, with one history frame (the
-    temporal path; the preset itself is single-frame)."""
+    """cpu-tiny shrunk so that a forward takes well under a second, with one history frame as the
+    preset has."""
     base = dict(bev_h=20, bev_w=20, num_query=40, enc_layers=1, dec_layers=2, embed_dims=32, ffn_dims=64,
                 backbone_width=16, dropout=0.0, queue_length=2)
     base.update(kw)

@@ -595,8 +595,9 @@ if __name__ == '__main__' and '--stand-in' in sys.argv:
 
 
 @pytest.mark.parametrize('preset,extra,history', [
-    ('cpu-tiny', [], 'single frame (no temporal state)'),          # the preset is single-frame
-    ('cpu-tiny', ['--set', 'queue_length=2'], 'previous BEV in the state'),
+    ('cpu-tiny', [], 'previous BEV in the state'),                  # the default preset is temporal
+    ('cpu-tiny-single', [], 'single frame (no temporal state)'),
+    ('cpu-tiny', ['--set', 'queue_length=1'], 'single frame (no temporal state)'),
     ('cpu-tiny-stream', [], 'previous BEV in the state'),
     ('detr3d-cpu-tiny', [], 'single frame (no temporal state)')])
 def test_speed_prints_the_protocol_and_the_figures(preset, extra, history, capsys):
