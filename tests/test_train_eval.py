@@ -567,10 +567,11 @@ def test_torchrun_two_cpu_processes_cpu_tiny(world, tmp_path):
 
 @pytest.mark.slow
 def test_default_run_learns(tmp_path):
-    """The default run end to end: `python train.py` with its defaults (cpu-tiny on the default world,
-    evaluated on its val split) ends at or above the lowest of the runs in docs/experiments.md ("Seeds":
-    five runs, NDS 0.36-0.41, mAP 0.23-0.26) less a margin: NDS >= 0.33 and mAP >= 0.20. (Issue 18's bar,
-    NDS >= 0.40 and mAP >= 0.25 for a temporal default, is not met yet.) ~20 min on 2 cores."""
+    """The default run end to end: `python train.py` with its defaults (the temporal cpu-tiny on the
+    default world, evaluated on its val split as scene chains) ends at or above the lowest of the runs in
+    docs/experiments.md ("Seeds": five runs, NDS 0.363-0.406, mAP 0.245-0.284) less a margin: NDS >= 0.34
+    and mAP >= 0.22. (Issue 18's bar, NDS >= 0.40 and mAP >= 0.25 in every run, is not met yet: two of the
+    five runs reach NDS 0.40.) ~30 min on 2 cores."""
     root, out = str(tmp_path / 'world'), str(tmp_path / 'run')
     data.write_synthetic_world(root, progress=False)           # data.DEFAULT_WORLD, as train.py writes it
     r = subprocess.run([sys.executable, 'train.py', '--dataroot', root, '--out', out], cwd=ROOT,
@@ -582,7 +583,7 @@ def test_default_run_learns(tmp_path):
     with open(os.path.join(out, 'metrics_summary.json')) as f:     # the devkit's own file agrees
         summary = json.load(f)
     assert abs(summary['nd_score'] - nds) < 1e-4
-    assert nds >= 0.33 and m_ap >= 0.20, (nds, m_ap, summary['tp_errors'])
+    assert nds >= 0.34 and m_ap >= 0.22, (nds, m_ap, summary['tp_errors'])
 
 
 if __name__ == '__main__' and '--stand-in' in sys.argv:
