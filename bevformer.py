@@ -1139,8 +1139,8 @@ PRESETS = {
     # 0.338 / 0.183 without (four runs each, docs/experiments.md).
     # cpu-tiny, the default run's model, is temporal with BEVFormer's recipe: one history frame drawn from
     # the previous two, run without gradient in eval mode in every step, and TSA over its ego-motion-aligned
-    # BEV; at test time the BEV chain runs through each scene (issue 18; docs/experiments.md "The temporal
-    # default"). cpu-tiny-single is the same detector on one frame (the miniature table's apprentice and
+    # BEV; at test time the BEV chain runs through each scene (issue 18; docs/experiments.md "The default
+    # run" and "Seeds"). cpu-tiny-single is the same detector on one frame (the miniature table's apprentice and
     # the single-frame comparison). cpu-tiny-stream: the previous BEV is streamed (history_draw 'stream',
     # ours): training walks 32 scenes frame by frame in turn and hands each frame the BEV its scene's
     # previous frame got, so no history frame is run (docs/official-differences.md "Training set and

@@ -1199,8 +1199,8 @@ def get_args(argv=None):
     g.add_argument('--presets', default='tiny,small,base,fd3d-tiny,fd3d-small,base-r101,cpu-tiny,cpu-base,'
                    'detr3d-r101,detr3d-r50,detr3d-cpu-tiny,detr3d-cpu-base', help='with --bench: the cost table')
     g.add_argument('--steps', default='cpu-tiny,cpu-tiny-single,cpu-tiny-stream,cpu-base,detr3d-cpu-tiny,'
-                   'detr3d-cpu-base', help='with --bench: presets whose CPU training step is timed (the single-frame '
-                   'the temporal cpu-tiny beside its single-frame and streamed twins)')
+                   'detr3d-cpu-base', help='with --bench: presets whose CPU training step is timed (the '
+                   'temporal cpu-tiny beside its single-frame and streamed twins)')
     g.add_argument('--before', metavar='DIR', help='with --bench: also time the --steps presets of another '
                    'checkout of this project (e.g. `git worktree add /tmp/old HEAD~3`), in turn with ours')
     g.add_argument('--bench-distill', metavar='PAIR', choices=sorted(DISTILL_PAIRS),
