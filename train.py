@@ -716,8 +716,9 @@ def setup_run(args, explicit):
     if run.master:
         start_log(run.log_path, ckpt is not None, start)
     n_params = sum(p.numel() for p in model.parameters())
+    precision = ('fp16 autocast' if use_amp else 'the image CNN in bfloat16' if args.amp else 'float32')
     say(f'{cfg.name}: {n_params / 1e6:.2f} M parameters on {device}'
-        + (f' x {world} processes' if world > 1 else '') + f'; train {len(train_set)} samples, '
+        + (f' x {world} processes' if world > 1 else '') + f' ({precision}); train {len(train_set)} samples, '
         f'{total} iterations of {args.batch_size} per process ({per_epoch} per epoch); out {args.out}'
         + (f'; resumed at iteration {start}' if ckpt is not None else ''))
     return run, loader
