@@ -89,7 +89,7 @@ def train_command(dataroot, version, out, iters, extra, threads=0):
     """The train.py command of one table run (one fixed schedule for every apprentice run)."""
     return [sys.executable, 'train.py', '--dataroot', dataroot, '--version', version,
             '--iters', str(iters), '--out', out, '--workers', '2', '--log-every', '50',
-            '--points-lr-mult', '1.0', '--no-amp'] + (   # the recipe the table's rows were run with (before issue 18)
+            '--points-lr-mult', '1.0'] + (   # the recipe the table's rows were run with (before issue 18)
             ['--threads', str(threads)] if threads else []) + extra
 
 

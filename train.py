@@ -146,10 +146,8 @@ def make_parser():
     g.add_argument('--no-eval', action='store_true', help='skip the final evaluation')
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu', 'cuda'")
-    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
-                   help='mixed precision: fp16 autocast and loss scaling on CUDA; on the CPU the image CNN alone in '
-                        'bfloat16 (faster only with bfloat16 units: AVX512-BF16, AMX). Default: on for a CPU with '
-                        'such units, off elsewhere (CUDA included); --no-amp: float32 throughout')
+    g.add_argument('--amp', action='store_true', help='mixed precision: fp16 autocast and loss scaling on CUDA; on '
+                   'the CPU the image CNN alone in bfloat16 (faster only with bfloat16 units: AVX512-BF16, AMX)')
     g.add_argument('--threads', type=int, default=0,
                    help='torch CPU threads per process (0: torch\'s default, or CPUs / processes under torchrun; '
                         '1 is faster on a machine shared with other jobs)')
@@ -476,16 +474,6 @@ def refuse_to_overwrite(args, ckpt):
                          f'pick another --out, or pass --overwrite to replace it')
 
 
-def resolve_amp(amp, device):
-    """--amp / --no-amp as given; unset: on for a CPU with native bfloat16 units, where the image CNN in
-    bfloat16 makes a whole default run ~20 % faster and trains as float32 does (docs/benchmarks.md, "The
-    levers, one by one"; docs/experiments.md, "The image CNN in bfloat16"), off elsewhere: emulated
-    bfloat16 is slower than float32, and CUDA's fp16 training has not been measured against float32."""
-    if amp is not None:
-        return amp
-    return device.type == 'cpu' and cpu_has_bf16()
-
-
 def set_threads(threads, world):
     """torch's CPU threads: --threads, else CPUs / processes under torchrun, else torch's default.
     Called after the resume merge: a resumed run uses its checkpoint's count, since the summation order
@@ -681,7 +669,6 @@ def setup_run(args, explicit):
     say = print if rank == 0 else (lambda *a, **k: None)      # the other ranks stay silent
     args, ckpt = resolve_args(args, explicit)
     set_threads(args.threads, world)
-    args.amp = resolve_amp(args.amp, device)          # stored resolved: a resumed run keeps its precision
     use_amp = args.amp and device.type == 'cuda'       # fp16 autocast and the loss scaler
     cfg = run_config(args, ckpt)
     args.model = cfg.name
@@ -695,7 +682,7 @@ def setup_run(args, explicit):
     if args.amp and device.type == 'cpu':      # the image CNNs in bfloat16, the rest float32
         for m in [model] + ([distiller.expert] if distiller is not None else []):
             m.cnn_bf16 = True
-        if not cpu_has_bf16():     # (only where asked for: the default is off on such a CPU)
+        if not cpu_has_bf16():
             say('note: --amp on this CPU runs the image CNN in bfloat16 without native bfloat16 support: expect '
                 'it slower than float32')
     trained = distiller if distiller is not None else model

@@ -313,29 +313,11 @@ def test_amp_on_the_cpu_runs_the_image_cnn_in_bfloat16_and_the_rest_in_float32(w
     assert run_train(['--amp', '--dataroot', world, '--iters', '1', '--warmup', '1', '--workers', '0',
                       '--threads', '1', '--out', str(tmp_path / 'eval')] + SMALLER) == 0
     assert dtypes == [torch.bfloat16, torch.float32] and evals and set(evals) == {torch.float32}
-    # with --no-amp the image CNN stays float32, and the checkpoint keeps the resolved choice for --resume
+    # without --amp the image CNN stays float32
     dtypes.clear()
-    assert run_train(['--no-amp', '--dataroot', world, '--iters', '1', '--warmup', '1', '--workers', '0',
-                      '--no-eval', '--threads', '1', '--out', str(tmp_path / 'fp32')] + SMALLER) == 0
+    assert run_train(['--dataroot', world, '--iters', '1', '--warmup', '1', '--workers', '0', '--no-eval',
+                      '--threads', '1', '--out', str(tmp_path / 'fp32')] + SMALLER) == 0
     assert dtypes == [torch.float32, torch.float32]
-    assert _weights(os.path.join(tmp_path, 'fp32', 'last.pt'))['args']['amp'] is False
-    assert ckpt['args']['amp'] is True
-
-
-def test_amp_default_is_the_bfloat16_cnn_on_a_cpu_with_bfloat16_units_only(monkeypatch):
-    """Without --amp / --no-amp: the image CNN in bfloat16 where the CPU runs bfloat16 natively, float32 on
-    other CPUs (emulated bfloat16 is slower) and on CUDA; a flag given wins."""
-    cpu, cuda = torch.device('cpu'), torch.device('cuda')
-    for native in (True, False):
-        monkeypatch.setattr(train, 'cpu_has_bf16', lambda: native)
-        assert train.resolve_amp(None, cpu) is native
-        assert train.resolve_amp(None, cuda) is False
-        assert train.resolve_amp(True, cpu) is True and train.resolve_amp(False, cpu) is False
-        assert train.resolve_amp(True, cuda) is True
-    args, explicit = train.get_args([])
-    assert args.amp is None and 'amp' not in explicit
-    args, explicit = train.get_args(['--no-amp'])
-    assert args.amp is False and 'amp' in explicit
 
 
 @pytest.mark.parametrize('mult', [1.0, 0.1])
