@@ -753,9 +753,9 @@ class BEVFormerConfig(DetectorConfig):
 
 class BEVFormer(nn.Module):
     # --amp on the CPU (train.py, evaluate.py --speed/--bench) sets this: the image CNN alone runs under
-    # bfloat16 autocast (14-20 % off a benchmarked cpu-tiny step where the CPU has bfloat16 units, though
-    # whole runs were not faster so far); with the whole forward in bfloat16 the single-frame run's mAOE
-    # rose from 0.62 to 0.93 (docs/benchmarks.md)
+    # bfloat16 autocast (~20 % off a whole temporal cpu-tiny run where the CPU has bfloat16 units; not the
+    # default: one of its five runs spiked at the peak lr, docs/experiments.md); with the whole forward in
+    # bfloat16 the single-frame run's mAOE rose from 0.62 to 0.93 (docs/benchmarks.md)
     cnn_bf16 = False
 
     def __init__(self, cfg):
