@@ -1166,6 +1166,8 @@ def get_args(argv=None):
     g = p.add_argument_group('what to evaluate')
     g.add_argument('--ckpt', help='checkpoint written by train.py or `bevformer.py convert` (the model is rebuilt '
                                   'from its config), or an official mmdet3d checkpoint as it is')
+    g.add_argument('--trained-weights', action='store_true',
+                   help='with a --ckpt of train.py --ema: score the trained weights, not their average')
     g.add_argument('--model', help='preset name (random weights unless --ckpt); for --speed without a checkpoint')
     g.add_argument('--preset', help='with an official mmdet3d --ckpt: its preset (default: inferred from its keys '
                                     'and shapes; tiny, small, base, detr3d-r101, ...)')
@@ -1262,7 +1264,7 @@ def run(args):
     if args.set and not (args.model and not args.ckpt):
         raise InputError('--set applies to --model only (a checkpoint rebuilds the config it stored)')
     if args.ckpt:
-        model, cfg, _ = models.model_from_checkpoint(args.ckpt, preset=args.preset)
+        model, cfg, _ = models.model_from_checkpoint(args.ckpt, preset=args.preset, averaged=not args.trained_weights)
     elif args.model:
         cfg = models.apply_overrides(models.preset_config(args.model), args.set)
         model = models.build_model(cfg)

@@ -193,11 +193,13 @@ def official_preset(state, what):
                      f"(--preset / --teacher-preset) to see which")
 
 
-def model_from_checkpoint(path, flag='--ckpt', preset=None):
+def model_from_checkpoint(path, flag='--ckpt', preset=None, averaged=True):
     """(model, config, checkpoint): the detector rebuilt from the checkpoint's own config, weights loaded
-    (on the CPU). train.py uses it for --teacher too. An official mmdet3d checkpoint is taken as it is:
-    its preset is `preset` (--preset, --teacher-preset) or inferred from its keys and shapes
-    (`official_preset`); the returned checkpoint is then ours, as `python bevformer.py convert` writes it."""
+    (on the CPU): the average of the weights when the checkpoint holds one (train.py --ema: the weights its
+    run scored) unless `averaged` is False, else the trained ones. train.py uses it for --teacher too. An
+    official mmdet3d checkpoint is taken as it is: its preset is `preset` (--preset, --teacher-preset) or
+    inferred from its keys and shapes (`official_preset`); the returned checkpoint is then ours, as
+    `python bevformer.py convert` writes it."""
     ckpt = load_checkpoint(path, flag)
     preset_flag = '--preset' if flag == '--ckpt' else f'{flag}-preset'
     if is_official(ckpt):
@@ -218,7 +220,7 @@ def model_from_checkpoint(path, flag='--ckpt', preset=None):
     cfg = config_from_dict(ckpt['config'], what=f"{flag} '{path}'")
     model = build_model(cfg)
     try:
-        model.load_state_dict(ckpt['model'])
+        model.load_state_dict(ckpt['ema'] if averaged and 'ema' in ckpt else ckpt['model'])
     except RuntimeError as e:
         raise InputError(f"{flag}: '{path}' weights do not fit its config "
                          f"({str(e).splitlines()[-1].strip()[:160]})") from None

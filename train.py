@@ -56,7 +56,7 @@ from common import InputError, cpu_has_bf16, keep_freed_memory, save_checkpoint,
 
 DEFAULT_DATAROOT = 'data/synthetic'
 # the value that reproduces the behaviour before each flag existed (resuming an older checkpoint)
-FLAG_BEFORE_IT_EXISTED = {'fd3d_gate': 0.0, 'points_lr_mult': 1.0}
+FLAG_BEFORE_IT_EXISTED = {'fd3d_gate': 0.0, 'points_lr_mult': 1.0, 'ema': 0.0}
 
 # ------------------------------------------------------------------------------------------------
 # Arguments (grouped by topic; read only by main)
@@ -132,6 +132,9 @@ def make_parser():
                         'docs/experiments.md "A steadier recipe")')
     g.add_argument('--weight-decay', type=float, default=0.01, help='AdamW weight decay')
     g.add_argument('--grad-clip', type=float, default=35.0, help='max L2 norm of all gradients')
+    g.add_argument('--ema', type=float, default=0.0, metavar='DECAY',
+                   help='keep an exponential moving average of the weights with this decay (e.g. 0.998) and '
+                        'evaluate it; the checkpoint holds it beside the trained weights (0: off)')
     g.add_argument('--seed', type=int, default=0, help='seeds the weights, the data order and every augmentation')
     g = p.add_argument_group('output, logging and evaluation')
     g.add_argument('--out', help='output folder (default runs/<model>, or runs/<student>-<distill>)')
@@ -622,6 +625,28 @@ def make_optimizer(args, model, trained, use_amp):
     return optimizer, torch.amp.GradScaler('cuda', enabled=use_amp), params
 
 
+def make_ema(decay, model):
+    """--ema: an exponential moving average of the model's weights and buffers (BatchNorm's running
+    statistics too), updated after every optimiser step and scored instead of the trained weights; None
+    when decay is 0. After n updates it is the average of the n weights seen, the k-th weighted by
+    decay ** (n - k) (the moving average with Adam's bias correction, so the random initial weights are not
+    in it): each update moves it toward the model by (1 - decay) / (1 - decay ** n), all the way at n = 1."""
+    if not decay:
+        return None
+    if not 0.0 < decay < 1.0:
+        raise InputError(f'--ema {decay}: the decay must be in (0, 1), e.g. 0.998 (or 0 for no average)')
+
+    @torch.no_grad()
+    def update(averaged, current, n_before):      # n_before: the updates before this one (>= 1)
+        rate = (1.0 - decay) / (1.0 - decay ** (float(n_before) + 1.0))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, rate)
+        else:                       # integer buffers (BatchNorm's num_batches_tracked): the current value
+            torch._foreach_copy_(averaged, current)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
 def start_log(log_path, resumed, start):
     """log.jsonl of this run (rank 0): a new run starts it empty; a resumed one keeps the lines up to its
     checkpoint's iteration and drops those after it (the resumed run writes them again)."""
@@ -656,11 +681,17 @@ class Run:
     log_path: str
     curve_path: str
     stream: object = None      # BEVStream for a streamed model (history_draw 'stream'), else None
+    ema: object = None         # --ema: torch.optim.swa_utils.AveragedModel of `model`, else None
     best: float = -1.0         # best val NDS so far (-1: none yet); stored in every checkpoint
 
     @property
     def master(self):
         return self.rank == 0
+
+    @property
+    def scored(self):
+        """The detector that evaluation scores: the EMA of the weights under --ema, else the model."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def setup_run(args, explicit):
@@ -694,10 +725,11 @@ def setup_run(args, explicit):
     loader = make_loader(train_set, args, cfg, rank, world, start, total)
     optimizer, scaler, params = make_optimizer(args, model, trained, use_amp)
     stream = BEVStream(model, loader.batch_sampler) if streams(cfg) else None
+    ema = make_ema(args.ema, model)
     run = Run(args=args, cfg=cfg, rank=rank, world=world, device=device, use_amp=use_amp, say=say, model=model,
               distiller=distiller, net=net, params=params, optimizer=optimizer, scaler=scaler, val_set=val_set,
               per_epoch=per_epoch, start=start, total=total, log_path=os.path.join(args.out, 'log.jsonl'),
-              curve_path=os.path.join(args.out, 'learning_curve.png'), stream=stream)
+              curve_path=os.path.join(args.out, 'learning_curve.png'), stream=stream, ema=ema)
     if ckpt is not None:
         restore_state(run, ckpt)
     if run.master:
@@ -733,6 +765,9 @@ def save_state(run, it, path):
         state['stream'] = [m['stream'] for m in states]
     if run.distiller is not None:   # its trainable parts only: the expert has its own checkpoint
         state['distiller'] = run.distiller.kd.state_dict()
+    if run.ema is not None:   # the averaged weights (the model's keys) and how many steps they average
+        state['ema'] = run.ema.module.state_dict()
+        state['ema_steps'] = int(run.ema.n_averaged)
     save_checkpoint(state, path)
 
 
@@ -747,6 +782,12 @@ def restore_state(run, ckpt):
     # the lanes' last BEVs; with another number of processes the lanes are others: they start afresh
     if run.stream is not None and len(ckpt.get('stream') or []) == run.world:
         run.stream.load_state_dict(ckpt['stream'][run.rank], run.device)
+    if run.ema is not None:
+        if 'ema' not in ckpt:
+            raise InputError(f"--ema {run.args.ema}: '{run.args.resume}' was trained without an average of its "
+                             f"weights; resume it without --ema")
+        run.ema.module.load_state_dict(ckpt['ema'])
+        run.ema.n_averaged.fill_(ckpt['ema_steps'])
 
 
 def keep_if_best(run, it, summary):
@@ -867,16 +908,17 @@ def evaluate_now(run, out_dir, quiet):
     """Metrics of the current weights on val (all ranks share the work); training RNG states are left
     untouched, so evaluating does not change the run. In float32 even under --amp on the CPU, so that
     `evaluate.py --ckpt` gives the same numbers."""
-    saved, cnn_bf16 = rng_state(), getattr(run.model, 'cnn_bf16', False)   # (a stand-in model has none)
-    run.model.cnn_bf16 = False
+    model = run.scored
+    saved, cnn_bf16 = rng_state(), getattr(model, 'cnn_bf16', False)   # (a stand-in model has none)
+    model.cnn_bf16 = False
     try:
         with open(os.devnull, 'w') as devnull, \
                 (contextlib.redirect_stdout(devnull) if quiet else contextlib.nullcontext()):
-            summary = evaluate.evaluate_split(run.model, run.val_set, out_dir, run.device,
+            summary = evaluate.evaluate_split(model, run.val_set, out_dir, run.device,
                                               evaluate.eval_set_name(run.args.version, 'val'), run.rank, run.world,
                                               workers=min(run.args.workers, 1), progress=not quiet)
     finally:
-        run.model.cnn_bf16 = cnn_bf16
+        model.cnn_bf16 = cnn_bf16
     set_rng_state(saved)
     return summary
 
@@ -942,6 +984,8 @@ def train(args, explicit=()):
             if run.stream is not None:
                 run.stream.attach(batch, it)        # the lanes' previous BEVs
             loss, losses, grad_norm, stop = train_step(run, data.to_device(batch, run.device), it, lr, ctrl_c)
+            if run.ema is not None:
+                run.ema.update_parameters(run.model)
             if run.stream is not None:
                 run.stream.keep(batch, it)
             now = clock()

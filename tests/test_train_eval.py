@@ -208,7 +208,7 @@ def _weights(path):
 
 def test_interrupted_and_resumed_run_is_bit_identical(world, stand_in, tmp_path):
     common = ['--dataroot', world, '--iters', '7', '--warmup', '3', '--lr', '3e-2', '--log-every', '1',
-              '--ckpt-every', '100', '--no-eval', '--seed', '3']
+              '--ckpt-every', '100', '--no-eval', '--ema', '0.5', '--seed', '3']
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
     assert run_train(common + ['--out', a, '--workers', '0']) == 0
 
@@ -231,6 +231,9 @@ def test_interrupted_and_resumed_run_is_bit_identical(world, stand_in, tmp_path)
     assert wa['iter'] == wb['iter'] == 7
     for k in wa['model']:
         assert torch.equal(wa['model'][k], wb['model'][k]), k
+        assert torch.equal(wa['ema'][k], wb['ema'][k]), k                  # the average resumes too
+    assert wa['ema_steps'] == wb['ema_steps'] == 7
+    assert not torch.equal(wa['ema']['head.weight'], wa['model']['head.weight'])
     for k, state in wa['optimizer']['state'].items():
         for name, value in state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(wb['optimizer']['state'][k][name])), (k, name)
@@ -243,6 +246,47 @@ def test_interrupted_and_resumed_run_is_bit_identical(world, stand_in, tmp_path)
     assert run_train(common[:-1] + ['4', '--out', c, '--workers', '0']) == 0
     wc = _weights(os.path.join(c, 'last.pt'))
     assert not all(torch.equal(wa['model'][k], wc['model'][k]) for k in wa['model'])
+
+
+def test_ema_is_the_exponentially_weighted_average_of_the_weights_seen():
+    """--ema: after n updates the average is sum_k decay**(n-k) w_k / sum_k decay**(n-k) over the weights
+    w_1..w_n seen (no trace of anything before w_1); BatchNorm's running statistics are averaged alike and
+    its step counter is copied."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = train.make_ema(0.9, model)
+    seen = []
+    for n in range(1, 41):
+        with torch.no_grad():
+            for t in list(model.parameters()) + [model[1].running_mean, model[1].running_var]:
+                t.add_(torch.randn_like(t))
+        model[1].num_batches_tracked += 1
+        ema.update_parameters(model)
+        seen.append(torch.cat([model[0].weight.flatten(), model[1].running_var]).detach().clone())
+        w = torch.tensor([0.9 ** (n - k) for k in range(1, n + 1)])
+        expected = (w[:, None] * torch.stack(seen)).sum(0) / w.sum()
+        got = torch.cat([ema.module[0].weight.flatten(), ema.module[1].running_var])
+        assert torch.allclose(got, expected, atol=1e-5), n
+        assert int(ema.module[1].num_batches_tracked) == n
+    assert not torch.allclose(got, seen[-1])                 # ...and it is an average, not a copy
+    assert train.make_ema(0.0, model) is None
+    with pytest.raises(train.InputError, match='--ema'):
+        train.make_ema(1.5, model)
+
+
+def test_a_checkpoint_with_an_average_loads_it_unless_told_otherwise(world, stand_in, tmp_path):
+    """models.model_from_checkpoint (evaluate.py --ckpt, train.py --teacher) rebuilds the weights the run
+    scored: the average under --ema; averaged=False (evaluate.py --trained-weights) the trained ones."""
+    out = str(tmp_path / 'run')
+    assert run_train(['--dataroot', world, '--iters', '4', '--lr', '3e-2', '--no-eval', '--workers', '0',
+                      '--ema', '0.9', '--out', out]) == 0
+    path = os.path.join(out, 'last.pt')
+    ckpt = _weights(path)
+    averaged = models.model_from_checkpoint(path)[0]
+    trained = models.model_from_checkpoint(path, averaged=False)[0]
+    for k, v in averaged.state_dict().items():
+        assert torch.equal(v, ckpt['ema'][k]) and torch.equal(trained.state_dict()[k], ckpt['model'][k]), k
+    assert not torch.equal(averaged.head.weight, trained.head.weight)
 
 
 def test_a_second_run_never_destroys_the_first(world, stand_in, tmp_path, capsys):
