@@ -96,19 +96,29 @@ class ModulatedDeformConv2d(nn.Module):
 # ResNet (He et al. 2016), mmdet flavour: `pytorch` or `caffe` style, frozen stages, BN in eval mode
 # ---------------------------------------------------------------------------------------------
 
+def norm2d(kind, channels):
+    """The ResNet's normalisation layer: 'bn' BatchNorm (official) or 'gn' GroupNorm (Wu & He 2018), which
+    normalises each image on its own, so training (batch 1 x 6 cameras) and eval mode (the history frame,
+    test time) compute the same thing. Our choice of groups: 32, or fewer in narrow layers so that every
+    group holds >= 4 channels (the CPU presets' 32-wide stem gets 8)."""
+    if kind == 'gn':
+        return nn.GroupNorm(min(32, channels // 4), channels)
+    return nn.BatchNorm2d(channels)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions (ResNet-18/34). No DCN variant, as in mmdet."""
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, style='pytorch', dcn=False,
-                 with_cp=False):
+                 with_cp=False, norm='bn'):
         super().__init__()
         if dcn:
             raise ValueError('DCN is only supported in Bottleneck blocks (ResNet-50/101)')
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm2d(norm, planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm2d(norm, planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.with_cp = with_cp
@@ -131,18 +141,18 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, style='pytorch', dcn=False,
-                 with_cp=False):
+                 with_cp=False, norm='bn'):
         super().__init__()
         s1, s2 = (stride, 1) if style == 'caffe' else (1, stride)
         self.conv1 = nn.Conv2d(inplanes, planes, 1, s1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm2d(norm, planes)
         if dcn:
             self.conv2 = ModulatedDeformConv2d(planes, planes, stride=s2)
         else:
             self.conv2 = nn.Conv2d(planes, planes, 3, s2, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm2d(norm, planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.bn3 = norm2d(norm, planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.with_cp = with_cp
@@ -172,11 +182,12 @@ class ResNet(nn.Module):
     64 is the standard ResNet; smaller widths scale every stage (CPU presets).
     norm_eval: BatchNorm layers stay in eval mode (running statistics) even in training;
     bn_frozen: BatchNorm affine parameters are not trained (official: both True).
+    norm: 'bn' BatchNorm (official) or 'gn' GroupNorm (`norm2d`; norm_eval and bn_frozen concern BatchNorm only).
     """
 
     def __init__(self, depth=50, style='pytorch', out_indices=(3,), frozen_stages=1,
                  dcn_stages=(False, False, False, False), base_width=64, norm_eval=True,
-                 bn_frozen=True, with_cp=False):
+                 bn_frozen=True, with_cp=False, norm='bn'):
         super().__init__()
         if depth not in RESNET_ARCH:
             raise ValueError(f'ResNet depth must be one of {sorted(RESNET_ARCH)}, got {depth}')
@@ -187,7 +198,7 @@ class ResNet(nn.Module):
         self.bn_frozen = bn_frozen
 
         self.conv1 = nn.Conv2d(3, base_width, 7, 2, 3, bias=False)      # stem
-        self.bn1 = nn.BatchNorm2d(base_width)
+        self.bn1 = norm2d(norm, base_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         inplanes = base_width
@@ -198,10 +209,10 @@ class ResNet(nn.Module):
             if stride != 1 or inplanes != planes * block.expansion:
                 downsample = nn.Sequential(
                     nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
-                    nn.BatchNorm2d(planes * block.expansion))
-            layers = [block(inplanes, planes, stride, downsample, style, dcn_stages[i], with_cp)]
+                    norm2d(norm, planes * block.expansion))
+            layers = [block(inplanes, planes, stride, downsample, style, dcn_stages[i], with_cp, norm)]
             inplanes = planes * block.expansion
-            layers += [block(inplanes, planes, 1, None, style, dcn_stages[i], with_cp)
+            layers += [block(inplanes, planes, 1, None, style, dcn_stages[i], with_cp, norm)
                        for _ in range(n - 1)]
             self.add_module(f'layer{i + 1}', nn.Sequential(*layers))
             self.out_channels.append(inplanes)
@@ -356,6 +367,9 @@ def load_backbone_weights(backbone, path):
     Every backbone parameter must be filled except DCN offset convs, which ImageNet weights do not
     have (they keep their zero init, as mmcv does). Returns the list of keys left at init.
     """
+    if any(isinstance(m, nn.GroupNorm) for m in backbone.modules()):   # BN's weight/bias names would fit
+        raise InputError(f"{path}: pretrained ResNet weights carry BatchNorm statistics; this backbone uses "
+                         f"GroupNorm (backbone_norm='gn'), which trains from scratch: use backbone_norm='bn'")
     state = read_state_dict(path, expected='a ResNet checkpoint (.pth/.pt)')
     prefixes = ('img_backbone.', 'backbone.', 'module.backbone.', '')
     own = backbone.state_dict()
@@ -390,7 +404,8 @@ def build_image_backbone(cfg):
     dcn = (False, False, cfg.backbone_dcn, cfg.backbone_dcn)
     backbone = ResNet(depth=cfg.backbone_depth, style=cfg.backbone_style, out_indices=cfg.backbone_out,
                       frozen_stages=cfg.frozen_stages, dcn_stages=dcn, base_width=cfg.backbone_width,
-                      with_cp=cfg.with_cp, norm_eval=cfg.backbone_norm_eval, bn_frozen=cfg.backbone_bn_frozen)
+                      with_cp=cfg.with_cp, norm_eval=cfg.backbone_norm_eval, bn_frozen=cfg.backbone_bn_frozen,
+                      norm=cfg.backbone_norm)
     neck = FPN(backbone.out_channels, cfg.embed_dims, num_outs=cfg.fpn_levels, add_extra_on_output=True)
     if cfg.channels_last:                  # convolution weights in NHWC order too (the input: extract_feats)
         backbone, neck = backbone.to(memory_format=torch.channels_last), neck.to(memory_format=torch.channels_last)

@@ -653,6 +653,7 @@ class DetectorConfig:
     frozen_stages: int = 1         # 1: stem + layer1 frozen (official, pretrained); -1: nothing frozen
     backbone_norm_eval: bool = True   # BatchNorm on running statistics (official, pretrained)
     backbone_bn_frozen: bool = True   # BatchNorm affine not trained (official, pretrained)
+    backbone_norm: str = 'bn'         # 'bn' BatchNorm (official) or 'gn' GroupNorm (from scratch; docs/experiments.md)
     with_cp: bool = False          # gradient checkpointing in the backbone (official Small)
     # NHWC memory layout for the image CNN: the same numbers, faster CPU (oneDNN) convolutions
     # (backbone + FPN 11-25 % faster on the 2-core CPU, a whole step ~4 %; docs/benchmarks.md)
@@ -688,6 +689,7 @@ class DetectorConfig:
             (self.can_bus_fallback in CAN_BUS_FALLBACK,
              f"can_bus_fallback must be one of {', '.join(CAN_BUS_FALLBACK)}, got {self.can_bus_fallback!r}"),
             (self.backbone_style in ('pytorch', 'caffe'), "backbone_style must be 'pytorch' or 'caffe'"),
+            (self.backbone_norm in ('bn', 'gn'), f"backbone_norm must be 'bn' or 'gn', got {self.backbone_norm!r}"),
             (self.embed_dims % self.num_heads == 0, 'embed_dims must be divisible by num_heads'),
             (self.fpn_levels >= len(self.backbone_out), 'fpn_levels must be >= len(backbone_out)'),
             (len(self.image_size) == 2 and len(self.pc_range) == 6, 'image_size is (W, H), pc_range has 6 values'),

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import fixtures
+import models
 from backbone import FPN, GridMask, ModulatedDeformConv2d, ResNet, load_backbone_weights
+from common import InputError
 
 def manifest(name, prefix):
     """{key without prefix: shape} of one official module, from the derived key lists (tests/keys/)."""
@@ -115,6 +117,30 @@ def test_frozen_stages_and_norm_eval():
     free = ResNet(depth=18, base_width=8, frozen_stages=-1, norm_eval=False, bn_frozen=False).train()
     assert all(p.requires_grad for p in free.parameters())
     assert all(m.training for m in free.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_groupnorm_resnet_computes_the_same_in_training_and_eval_mode():
+    """norm='gn' (the from-scratch option): GroupNorm everywhere BatchNorm was, every group >= 4
+    channels, and (unlike BatchNorm at batch 2) training and eval mode give the same features."""
+    torch.manual_seed(0)
+    net = ResNet(depth=18, base_width=16, out_indices=(1, 2), frozen_stages=-1, norm_eval=False,
+                 bn_frozen=False, norm='gn')
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert len(norms) == 1 + 2 * 8 + 3                  # stem, two per BasicBlock, three downsamples
+    assert all(m.num_channels % m.num_groups == 0 and m.num_channels // m.num_groups >= 4 for m in norms)
+    assert net.bn1.num_groups == 4 and net.layer4[0].bn1.num_groups == 32
+    x = torch.randn(2, 3, 64, 96)
+    train_out = net.train()(x)
+    eval_out = net.eval()(x)
+    for a, b in zip(train_out, eval_out):
+        torch.testing.assert_close(a, b)
+    bn = ResNet(depth=18, base_width=16, out_indices=(1, 2), frozen_stages=-1, norm_eval=False, bn_frozen=False)
+    assert not torch.allclose(bn.train()(x)[0], bn.eval()(x)[0])   # the contrast: BatchNorm differs
+    with pytest.raises(InputError, match="backbone_norm='gn'"):          # BN weights would load silently
+        load_backbone_weights(net, 'imagenet.pth')
+    with pytest.raises(InputError, match="backbone_norm must be 'bn' or 'gn', got 'ln'"):
+        models.apply_overrides(models.preset_config('cpu-tiny'), ['backbone_norm=ln'])
 
 
 def test_gridmask_shared_mask_and_eval_identity():
