@@ -103,7 +103,7 @@ def fallback_forced():
     return os.environ.get(FALLBACK_ENV, "").strip() not in ("", "0")
 
 
-def _compiler():
+def find_compiler():
     found = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") \
         or shutil.which("clang++")
     if not found:
@@ -128,7 +128,7 @@ def build_cpu_kernel(verbose=False):
     """Compile msda_cpu.cpp (or find it in the cache) and load it; raises if the build fails. The
     library is written under a temporary name and renamed, so that processes building at the same
     time never load half a file."""
-    compiler = _compiler()
+    compiler = find_compiler()
     path = cpu_library_path(compiler)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -137,41 +137,183 @@ def test_wrong_shapes_raise_clear_errors():
 
 
 # ------------------------------------------------------------------------------------------------
-# dispatch: CPU tensors, the environment switch, a failing build
+# CPU kernel (ops/msda_cpu.cpp): the same numbers as the fallback, forward and backward
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cpu_lib(tmp_path_factory):
+    """The CPU kernel built into a fresh cache folder (a build failure fails the test; without any
+    C++ compiler on the PATH the kernel cannot exist, and the test says so as it skips)."""
+    try:
+        msda.find_compiler()
+    except RuntimeError as e:
+        pytest.skip(f"CPU kernel not testable here: {e}")
+    cache = tmp_path_factory.mktemp("ops_cache")
+    old = os.environ.get(msda.CACHE_ENV)
+    os.environ[msda.CACHE_ENV] = str(cache)
+    try:
+        yield msda.build_cpu_kernel()
+    finally:
+        if old is None:
+            os.environ.pop(msda.CACHE_ENV)
+        else:
+            os.environ[msda.CACHE_ENV] = old
+
+
+@pytest.fixture
+def cpu_kernel(cpu_lib, monkeypatch):
+    """ms_deform_attn routed to the CPU kernel."""
+    monkeypatch.delenv(msda.FALLBACK_ENV, raising=False)
+    monkeypatch.setattr(msda, "_cpu_lib", cpu_lib)
+    monkeypatch.setattr(msda, "_cpu_tried", True)
+    assert msda._cpu_kernel() is cpu_lib
+    return cpu_lib
+
+
+def _forward_and_grads(fn, inputs):
+    value, shapes, starts, loc, attn = inputs
+    leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
+    return (out,) + torch.autograd.grad(out, leaves, grad_out)
+
+
+CPU_KERNEL_CASES = [  # (B, M, D, shapes, Q, P): odd sizes, one head, one channel, cpu-tiny's SCA
+    (2, 3, 5, [(7, 11), (4, 6), (2, 3)], 13, 4),
+    (3, 1, 4, [(1, 9), (6, 1), (3, 4), (2, 2)], 6, 3),
+    (1, 2, 1, [(5, 3)], 9, 2),
+    (2, 8, 16, [(16, 28), (8, 14)], 40, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CPU_KERNEL_CASES)
+def test_cpu_kernel_matches_fallback(cpu_kernel, case, dtype):
+    inputs = make_inputs(*case, dtype=dtype, seed=len(case[3]))
+    assert ((inputs[3] < 0) | (inputs[3] > 1)).any()        # some points off the map
+    ref = _forward_and_grads(ms_deform_attn_pytorch, inputs)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    results = {}
+    for threads in (1, 3):                                  # 3: shares of unequal head counts
+        torch.set_num_threads(threads)
+        try:
+            results[threads] = _forward_and_grads(ms_deform_attn, inputs)
+        finally:
+            torch.set_num_threads(2)
+        for name, a, b in zip(("out", "grad_value", "grad_loc", "grad_attn"), results[threads], ref):
+            assert a.dtype == dtype and a.shape == b.shape
+            assert b.abs().max() > 1e-3
+            rel = ((a - b).abs().max() / b.abs().max()).item()
+            assert rel < tol, f"{threads} threads, {name}: relative error {rel:.1e}"
+    # each head is summed by one thread in a fixed order: the thread count changes nothing
+    assert all(torch.equal(a, b) for a, b in zip(results[1], results[3]))
+
+
+def test_cpu_kernel_gradcheck(cpu_kernel):
+    value, shapes, starts, loc, attn = make_inputs(2, 2, 3, [(3, 4), (2, 3)], 3, 2, seed=7)
+    value, loc, attn = (t.requires_grad_() for t in (value, loc, attn))
+    assert torch.autograd.gradcheck(
+        lambda v, x, a: ms_deform_attn(v, shapes, starts, x, a), (value, loc, attn))
+
+
+def test_cpu_kernel_pixel_centres_far_points_and_non_contiguous_inputs(cpu_kernel):
+    # the fallback's pixel-centre test, through the kernel; plus points far off the map and NaN
+    value = torch.tensor([[0., 1., 2.], [10., 11., 12.]], dtype=torch.float64).view(1, 6, 1, 1)
+    shapes, starts = torch.tensor([[2, 3]]), torch.tensor([0])
+    xy = torch.tensor([[2.5 / 3, 1.5 / 2], [1.0 / 3, 0.5 / 2], [-0.5, 0.5], [0.5, 1.0], [0.5, 1.25],
+                       [1e30, 0.5], [-1e30, -1e30], [float("nan"), 0.5]], dtype=torch.float64)
+    loc = xy.view(1, 8, 1, 1, 1, 2)
+    attn = torch.ones(1, 8, 1, 1, 1, dtype=torch.float64)
+    out = ms_deform_attn(value, shapes, starts, loc, attn).flatten()
+    expected = torch.tensor([12., 0.5, 0., 5.5, 0., 0., 0., 0.], dtype=torch.float64)
+    assert (out - expected).abs().max().item() < 1e-12
+    # non-contiguous views (the model hands such) give the numbers of their contiguous copies
+    value, shapes, starts, loc, attn = make_inputs(2, 4, 6, [(5, 4)], 7, 3, seed=2)
+    wide = torch.cat([value, value], dim=-1)[..., :6]
+    assert not wide.is_contiguous()
+    assert torch.equal(ms_deform_attn(wide, shapes, starts, loc, attn),
+                       ms_deform_attn(value, shapes, starts, loc, attn))
+
+
+def test_cpu_kernel_is_cached_and_a_compile_error_is_one_line(cpu_lib, tmp_path, monkeypatch):
+    monkeypatch.setenv(msda.CACHE_ENV, str(tmp_path))
+    path = msda.cpu_library_path(msda.find_compiler())
+    assert os.path.dirname(path) == str(tmp_path)
+    msda.build_cpu_kernel()
+    built = os.stat(path).st_mtime_ns
+    msda.build_cpu_kernel()                                 # the second call loads the cached file
+    assert os.stat(path).st_mtime_ns == built and os.listdir(tmp_path) == [os.path.basename(path)]
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(msda, "_CPU_SOURCE", str(broken))
+    assert msda.cpu_library_path(msda.find_compiler()) != path   # another source, another file
+    with pytest.raises(RuntimeError, match="failed: .*broken.cpp") as e:
+        msda.build_cpu_kernel()
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(path), "broken.cpp"])  # no debris
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch: CPU tensors, the environment switch, failing builds
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture
 def fresh_dispatch(monkeypatch):
-    """A clean dispatch state (no extension, no build tried, nothing logged) and a fake build."""
+    """A clean dispatch state (no kernel, no build tried, nothing logged) and fake builds that fail;
+    returns the list of build attempts, ('cuda' or 'cpu', verbose)."""
     calls = []
 
     def fake_build(verbose=False):
-        calls.append(verbose)
+        calls.append(("cuda", verbose))
         raise RuntimeError("Error building extension 'fd_msda': nvcc not found")
+
+    def fake_cpu_build(verbose=False):
+        calls.append(("cpu", verbose))
+        raise RuntimeError("no C++ compiler on the PATH (c++, g++ or clang++; or set CXX)")
 
     monkeypatch.setattr(msda, "_ext", None)
     monkeypatch.setattr(msda, "_ext_tried", False)
+    monkeypatch.setattr(msda, "_cpu_lib", None)
+    monkeypatch.setattr(msda, "_cpu_tried", False)
     monkeypatch.setattr(msda, "_logged", set())
     monkeypatch.setattr(msda, "build_extension", fake_build)
+    monkeypatch.setattr(msda, "build_cpu_kernel", fake_cpu_build)
     monkeypatch.delenv(msda.FALLBACK_ENV, raising=False)
     return calls
 
 
-def test_cpu_tensors_use_fallback_without_building(fresh_dispatch, caplog):
+def test_cpu_tensors_use_the_cpu_kernel_and_never_build_cuda(cpu_lib, fresh_dispatch, monkeypatch,
+                                                             caplog):
+    monkeypatch.setattr(msda, "build_cpu_kernel", lambda verbose=False: cpu_lib)
     inputs = make_inputs(2, 2, 3, [(3, 4), (2, 2)], 5, 2)
     with caplog.at_level(logging.INFO, logger="ops"):
         out = ms_deform_attn(*inputs)
         ms_deform_attn(*inputs)
-    assert fresh_dispatch == []                       # CPU tensors never trigger a build
-    assert torch.equal(out, ms_deform_attn_pytorch(*inputs))
+    assert fresh_dispatch == []                             # the CUDA extension is never built
+    assert msda._cpu_lib is cpu_lib
+    assert (out - ms_deform_attn_pytorch(*inputs)).abs().max() < 1e-12
     lines = [r.getMessage() for r in caplog.records if r.name == "ops"]
-    assert lines == ["ops: multi-scale deformable attention runs on the PyTorch fallback (cpu tensors)"]
+    assert lines == ["ops: multi-scale deformable attention runs on the CPU kernel"]
+
+
+def test_failed_cpu_build_warns_once_and_falls_back(fresh_dispatch, caplog):
+    inputs = make_inputs(2, 2, 3, [(3, 4), (2, 2)], 5, 2)
+    with caplog.at_level(logging.INFO, logger="ops"):
+        out = ms_deform_attn(*inputs)
+        ms_deform_attn(*inputs)
+    assert fresh_dispatch == [("cpu", False)]               # tried once, never retried
+    assert torch.equal(out, ms_deform_attn_pytorch(*inputs))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "CPU deformable-attention kernel (no C++ compiler" in warnings[0] and "fallback" in warnings[0]
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert infos == ["ops: multi-scale deformable attention runs on the PyTorch fallback (cpu tensors)"]
 
 
 def test_failed_build_warns_once_and_is_not_retried(fresh_dispatch, caplog):
     with caplog.at_level(logging.INFO, logger="ops"):
         assert msda._extension() is None
         assert msda._extension() is None
-    assert len(fresh_dispatch) == 1
+    assert fresh_dispatch == [("cuda", False)]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     msg = warnings[0].getMessage()
@@ -182,8 +324,10 @@ def test_failed_build_warns_once_and_is_not_retried(fresh_dispatch, caplog):
 def test_env_var_forces_fallback(fresh_dispatch, monkeypatch, setting, builds):
     monkeypatch.setenv(msda.FALLBACK_ENV, setting)
     assert msda.fallback_forced() == (not builds)
-    assert msda._extension() is None
-    assert len(fresh_dispatch) == int(builds)
+    assert msda._extension() is None and msda._cpu_kernel() is None
+    assert len(fresh_dispatch) == 2 * int(builds)
+    inputs = make_inputs(1, 2, 3, [(3, 4)], 4, 2)
+    assert torch.equal(ms_deform_attn(*inputs), ms_deform_attn_pytorch(*inputs))
 
 
 def test_low_precision_inputs_are_computed_in_float32():
@@ -258,15 +402,6 @@ KERNEL_CASES = [  # (B, M, D, shapes, Q, P): D covers one warp, several warps, o
     (2, 4, 6, [(3, 8), (5, 2)], 9, 3),
     (1, 1, 48, [(16, 12), (8, 6)], 33, 5),
 ]
-
-
-def _forward_and_grads(fn, inputs):
-    value, shapes, starts, loc, attn = inputs
-    leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
-    out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
-    g = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
-    return (out,) + torch.autograd.grad(out, leaves, grad_out)
 
 
 @pytest.mark.cuda
@@ -427,12 +562,13 @@ def test_dispatch_keeps_the_input_dtype_and_computes_half_in_float32():
     value, shapes, starts, loc, attn = make_inputs(1, 2, 4, [(4, 5), (2, 3)], 3, 2, seed=3)
     ref = ms_deform_attn_pytorch(value, shapes, starts, loc, attn)                       # float64
     out64 = ms_deform_attn(value, shapes, starts, loc, attn)
-    assert out64.dtype == torch.float64 and torch.equal(out64, ref)
+    assert out64.dtype == torch.float64 and (out64 - ref).abs().max() < 1e-12
     for half in (torch.float16, torch.bfloat16):
         out = ms_deform_attn(value.to(half), shapes, starts, loc.to(half), attn.to(half))
         assert out.dtype == half
-        fp32 = ms_deform_attn_pytorch(value.to(half).float(), shapes, starts, loc.to(half).float(),
-                                      attn.to(half).float())
+        fp32 = ms_deform_attn(value.to(half).float(), shapes, starts, loc.to(half).float(),
+                              attn.to(half).float())
+        assert fp32.dtype == torch.float32
         assert torch.equal(out, fp32.to(half))                                           # computed in fp32
     out32 = ms_deform_attn(value.float(), shapes, starts, loc.float(), attn.float())
     assert out32.dtype == torch.float32 and (out32.double() - ref).abs().max() < 1e-5
