@@ -197,26 +197,21 @@ def main(argv=None):
 
     variants = {"grid_sample (mmcv, BASELINE)": grid_sample_baseline,
                 "fallback (ours)": msda.ms_deform_attn_pytorch}
-    if device.type == "cpu":
-        if msda.fallback_forced():
-            print(f"cpu kernel: skipped ({msda.FALLBACK_ENV} is set)")
-        else:
-            try:
-                msda._cpu_lib, msda._cpu_tried = msda.build_cpu_kernel(), True
-                variants["cpu kernel"] = msda.ms_deform_attn
-            except Exception as e:  # report, and still benchmark the other two
-                print(f"cpu kernel: not available, the build failed: "
-                      f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")
-    if device.type == "cuda":
-        if msda.fallback_forced():
-            print(f"cuda kernel: skipped ({msda.FALLBACK_ENV} is set)")
-        else:
-            try:
-                msda._ext, msda._ext_tried = msda.build_extension(), True
-                variants["cuda kernel"] = msda.ms_deform_attn
-            except Exception as e:  # report, and still benchmark the other two
-                print(f"cuda kernel: not available, the build failed: "
-                      f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")
+    # the device's compiled kernel: (module attribute holding it, attribute "build tried", builder)
+    kernels = {"cpu": ("_cpu_lib", "_cpu_tried", msda.build_cpu_kernel),
+               "cuda": ("_ext", "_ext_tried", msda.build_extension)}
+    name = f"{device.type} kernel"
+    if msda.fallback_forced():
+        print(f"{name}: skipped ({msda.FALLBACK_ENV} is set)")
+    else:
+        held, tried, build = kernels[device.type]
+        try:
+            setattr(msda, held, build())
+            setattr(msda, tried, True)
+            variants[name] = msda.ms_deform_attn
+        except Exception as e:  # report, and still benchmark the other two
+            print(f"{name}: not available, the build failed: "
+                  f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")
 
     print(f"ops.bench on {device.type}: {describe_machine(device)}")
     print(f"{args.dtype}, {args.clock} time, median of {args.runs} runs after a warm-up; peak "
