@@ -4,7 +4,7 @@ showing the compiler output; exits non-zero if the build fails. tests/gpu_check.
 import sys
 import time
 
-from .msda import build_cpu_kernel, build_extension, cpu_library_path, find_compiler
+from .msda import build_cpu_kernel, build_extension, cpu_library_path, error_line, find_compiler
 
 cpu = "--cpu" in sys.argv[1:]
 name = "CPU" if cpu else "CUDA"
@@ -12,7 +12,6 @@ t0 = time.time()
 try:
     ext = build_cpu_kernel(verbose=True) if cpu else build_extension(verbose=True)
 except Exception as e:  # the compiler output is above; one line to close
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    sys.exit(f"error: building the {name} deformable-attention kernel failed: {first}")
+    sys.exit(f"error: building the {name} deformable-attention kernel failed: {error_line(e)}")
 where = cpu_library_path(find_compiler()) if cpu else ext.__file__
 print(f"ops: {name} kernel ready in {time.time() - t0:.0f} s ({where})")

@@ -210,8 +210,7 @@ def main(argv=None):
             setattr(msda, tried, True)
             variants[name] = msda.ms_deform_attn
         except Exception as e:  # report, and still benchmark the other two
-            print(f"{name}: not available, the build failed: "
-                  f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")
+            print(f"{name}: not available, the build failed: {msda.error_line(e)}")
 
     print(f"ops.bench on {device.type}: {describe_machine(device)}")
     print(f"{args.dtype}, {args.clock} time, median of {args.runs} runs after a warm-up; peak "

@@ -13,8 +13,8 @@ Three implementations with one signature and the same numbers (up to float round
 - the CPU kernel (msda_cpu.cpp): forward and backward in one pass over the sampling points, the heads
   split over threads; plain C++ built by the system's C++ compiler (`c++`, or $CXX) the first time CPU
   tensors reach `ms_deform_attn` (about a second), cached on disk (FD_OPS_CACHE, default
-  ~/.cache/focaldistiller) and loaded with ctypes. About three times faster than the fallback's
-  forward + backward in a training step (docs/benchmarks.md).
+  ~/.cache/focaldistiller) and loaded with ctypes. Its forward + backward is 2-4x faster than the
+  fallback's at the default model's sizes, the training step ~20 % (docs/benchmarks.md).
 - the CUDA kernel (msda_kernel.cu + msda_binding.cpp), compiled with torch.utils.cpp_extension.load
   the first time CUDA tensors reach `ms_deform_attn`, cached on disk by torch and here in memory.
 If a build fails, one warning line and the fallback. FD_MSDA_FALLBACK=1 forces the fallback.
@@ -103,6 +103,22 @@ def fallback_forced():
     return os.environ.get(FALLBACK_ENV, "").strip() not in ("", "0")
 
 
+def error_line(e):
+    """The first line of an exception's message (or its type's name): a build error in one line."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _build_or_warn(build, kind, command):
+    """build(), or None after one warning line: any failure (no compiler, a compiler error, a file
+    that does not load) means the fallback. `kind` names the kernel, `command` shows its build."""
+    try:
+        return build()
+    except Exception as e:
+        log.warning("ops: could not build the %s deformable-attention kernel (%s); using the PyTorch "
+                    "fallback (`%s` shows the compiler output)", kind, error_line(e)[:200], command)
+        return None
+
+
 def find_compiler():
     found = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") \
         or shutil.which("clang++")
@@ -162,12 +178,7 @@ def _cpu_kernel():
         return None
     if not _cpu_tried:
         _cpu_tried = True
-        try:
-            _cpu_lib = build_cpu_kernel()
-        except Exception as e:  # no compiler, a compiler error, an unloadable file: the fallback
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            log.warning("ops: could not build the CPU deformable-attention kernel (%s); using the "
-                        "PyTorch fallback (`python -m ops --cpu` shows the compiler output)", reason)
+        _cpu_lib = _build_or_warn(build_cpu_kernel, "CPU", "python -m ops --cpu")
     return _cpu_lib
 
 
@@ -185,6 +196,11 @@ def _run_over_heads(fn, args, heads):
         job.result()
 
 
+def _cpu_entry(direction, dtype):
+    """The CPU kernel's C function for 'forward' or 'backward' in float32 or float64."""
+    return getattr(_cpu_lib, f"msda_{direction}_{'f64' if dtype == torch.float64 else 'f32'}")
+
+
 class _MSDeformAttnCPU(torch.autograd.Function):
     """The CPU kernel as an autograd Function: inputs contiguous, float32 or float64, on the CPU;
     spatial_shapes and level_start_index int64."""
@@ -195,7 +211,7 @@ class _MSDeformAttnCPU(torch.autograd.Function):
         B, S, M, D = value.shape
         _, Q, _, L, P, _ = sampling_locations.shape
         out = value.new_empty(B, Q, M * D)                                             # [B, Q, M*D]
-        fn = _cpu_lib.msda_forward_f64 if value.dtype == torch.float64 else _cpu_lib.msda_forward_f32
+        fn = _cpu_entry("forward", value.dtype)
         tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out)
         _run_over_heads(fn, [t.data_ptr() for t in tensors] + [B, S, M, D, L, Q, P], M)
         ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations,
@@ -211,8 +227,7 @@ class _MSDeformAttnCPU(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_value, grad_loc, grad_attn = torch.zeros_like(value), torch.empty_like(loc), \
             torch.empty_like(attn)
-        fn = _cpu_lib.msda_backward_f64 if value.dtype == torch.float64 else \
-            _cpu_lib.msda_backward_f32
+        fn = _cpu_entry("backward", value.dtype)
         tensors = (value, spatial_shapes, level_start_index, loc, attn, grad_out, grad_value,
                    grad_loc, grad_attn)
         _run_over_heads(fn, [t.data_ptr() for t in tensors] + [B, S, M, D, L, Q, P], M)
@@ -240,12 +255,7 @@ def _extension():
         return None
     if not _ext_tried:
         _ext_tried = True
-        try:
-            _ext = build_extension()
-        except Exception as e:  # any build failure (no nvcc, compiler error, ...) means fallback
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            log.warning("ops: could not build the CUDA deformable-attention kernel (%s); using the "
-                        "PyTorch fallback (`python -m ops` shows the compiler output)", reason)
+        _ext = _build_or_warn(build_extension, "CUDA", "python -m ops")
     return _ext
 
 
