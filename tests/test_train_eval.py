@@ -493,6 +493,23 @@ def test_malicious_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
     assert os.path.exists(marker)
 
 
+def test_train_py_lets_idle_cpu_threads_sleep_unless_the_environment_says_otherwise():
+    """train.py sets OMP_WAIT_POLICY=PASSIVE before torch loads (spinning threads cost a 10x slowdown with two
+    runs side by side, docs/benchmarks.md); libgomp's own report of its settings (OMP_DISPLAY_ENV) shows what
+    torch's threads got. A policy the user set is kept."""
+    def policy(env):
+        env = {**{k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}, 'OMP_DISPLAY_ENV': 'TRUE', **env}
+        r = subprocess.run([sys.executable, '-c', 'import train'], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return {ln.split('=')[1].strip(" '") for ln in r.stderr.splitlines()
+                if ln.strip().startswith('OMP_WAIT_POLICY')}
+
+    if not policy({}) and 'OpenMP' not in torch.__config__.parallel_info():
+        pytest.skip('torch is not built on OpenMP here: there is no OMP_WAIT_POLICY to set')
+    assert policy({}) == {'PASSIVE'}
+    assert policy({'OMP_WAIT_POLICY': 'ACTIVE'}) == {'ACTIVE'}
+
+
 # ------------------------------------------------------------------------------------------------
 # Command line: one-line errors naming the culprit (subprocesses, run side by side)
 
