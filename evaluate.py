@@ -37,6 +37,10 @@ import os
 import sys
 import time
 
+# idle torch threads sleep instead of spinning, as in train.py (the reason is there), so that --bench,
+# --profile-step and --speed time a step under the policy a run trains with; set before torch loads
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
 import numpy as np
 import torch
 from pyquaternion import Quaternion
