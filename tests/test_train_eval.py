@@ -638,7 +638,7 @@ def test_default_run_learns(tmp_path):
     docs/experiments.md ("Seeds": ten runs, five with the deformable attention's PyTorch fallback and five
     with its CPU kernel, NDS 0.357-0.412, mAP 0.241-0.294) less a margin: NDS >= 0.34 and mAP >= 0.22.
     (Issue 18's bar, NDS >= 0.40 and mAP >= 0.25 in every run, is not met yet: three of the ten runs reach
-    NDS 0.40.) ~30 min on 2 cores."""
+    NDS 0.40.) 22-34 min on 2 cores."""
     root, out = str(tmp_path / 'world'), str(tmp_path / 'run')
     data.write_synthetic_world(root, progress=False)           # data.DEFAULT_WORLD, as train.py writes it
     r = subprocess.run([sys.executable, 'train.py', '--dataroot', root, '--out', out], cwd=ROOT,
