@@ -508,8 +508,8 @@ def test_entry_points_let_idle_cpu_threads_sleep_unless_the_environment_says_oth
                 if ln.strip().startswith('GOMP_SPINCOUNT')}
 
     default = spin_counts({})
-    if not default and 'OpenMP' not in torch.__config__.parallel_info():
-        pytest.skip('torch is not built on libgomp here: there is no OMP_WAIT_POLICY to set')
+    if not default and not sys.platform.startswith('linux'):     # torch's Linux wheels ship libgomp
+        pytest.skip(f'torch on {sys.platform} does not run on libgomp: no GOMP_SPINCOUNT to read')
     assert default == {'0'}                           # each OpenMP runtime loaded reports its own
     assert '0' not in spin_counts({'OMP_WAIT_POLICY': 'ACTIVE'})
 
