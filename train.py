@@ -41,11 +41,12 @@ import signal
 import sys
 import time
 
-# torch's CPU threads (libgomp) spin-wait for the next parallel region when idle. Beside the deformable
-# attention's head threads (ops/msda.py), the data-loader workers or a second run on the same cores, the
-# spinning takes the cores the work needs: two 2-thread runs side by side took 6-7 s an iteration instead of
-# 0.6 (docs/benchmarks.md, "The levers"). PASSIVE lets idle threads sleep. libgomp reads it once, when torch
-# loads, hence before the import; a policy already in the environment is kept.
+# torch's idle CPU threads (libgomp) spin 300000 rounds waiting for the next parallel region before they
+# sleep, and the regions come often. Beside the deformable attention's head threads (ops/msda.py), the
+# data-loader workers or a second run on the same cores, the spinning takes the cores the work needs: two
+# 2-thread runs side by side took 6-7 s an iteration instead of 0.6 (docs/benchmarks.md, "The levers").
+# PASSIVE lets idle threads sleep at once. libgomp reads it once, when torch loads, hence before the import;
+# a policy already in the environment is kept.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import numpy as np
