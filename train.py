@@ -1050,7 +1050,7 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             # The DDP wrapper sits in reference cycles, so only the garbage collector frees it; left to
-            # interpreter exit, its gloo group's teardown aborted a rank about once in 24 torchrun tests
+            # interpreter exit, its gloo group's teardown aborted a rank in 1 of 54 looped torchrun tests
             # (SIGABRT after the final line). Collect first, then destroy the group (the suspected
             # cause; the rate is too low to confirm a fix quickly).
             gc.collect()
